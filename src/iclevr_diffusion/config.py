@@ -1,0 +1,342 @@
+"""Typed configuration: dataclass defaults < YAML file < `--set section.key=value` < explicit flags.
+
+Every knob of a run lives here, so the resolved config written into a run folder and each
+checkpoint says exactly how the run was made. Unknown keys and wrong types are `IclevrError`s that
+list what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iclevr_diffusion.errors import IclevrError
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # i-CLEVR folder (train.json, objects.json, images); None = built-in synthetic set
+    images: str | None = None  # folder of the PNGs when it is not ROOT/iclevr or ROOT/images
+    image_size: int = 64  # square side the images are resized to (the evaluator expects 64)
+    resize: str = "squash"  # squash the full 4:3 frame (course practice) or center_crop
+    hflip: bool = False  # random horizontal flips (labels carry no left/right, so this is safe)
+    synthetic_scenes: int = 6003  # size of the built-in synthetic set (the real one has 6,003 scenes)
+    num_workers: int = 0  # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # channels per level
+    attention: list[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
+    layers_per_block: int = 2  # resnet blocks per level
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups (must divide every channel count)
+    dropout: float = 0.0  # dropout inside the resnet blocks
+    mid_attention: bool = True  # self-attention in the middle block
+    num_classes: int = 24  # length of the multi-hot label vector
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = 1000  # T, the number of diffusion steps
+    beta_schedule: str = "linear"  # linear (1e-4..0.02) | scaled_linear (linear scaled by 1000/T) | cosine
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # images per optimizer step (across all processes)
+    lr: float = 0.0002  # peak AdamW learning rate
+    weight_decay: float = 0.0
+    warmup_steps: int = 200  # linear warm-up before the cosine decay
+    max_steps: int | None = None  # stop after this many optimizer steps ...
+    epochs: int | None = None  # ... or after this many passes over the data ...
+    max_minutes: float | None = 12.0  # ... or after this much wall-clock time, whichever comes first
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    ema_decay: float = 0.999  # EMA of the weights; the EMA model is what gets exported
+    mixed_precision: str = "auto"  # auto (bf16 on CPU, fp16 on CUDA) | no | bf16 | fp16
+    label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (5 is the paper's value); None = off
+    log_every: int = 25  # steps between metrics.jsonl lines
+    sample_every: int = 500  # steps between sample grids (0 = only at the end)
+    checkpoint_every: int = 500  # steps between training-state checkpoints
+    keep_checkpoints: int = 3  # how many checkpoints to keep
+    eval_every: int = 0  # steps between evaluations on test/new_test (0 = off)
+    channels_last: bool = False
+    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "dpm++"  # ddpm | ddim | dpm++ | unipc
+    steps: int = 25  # solver steps (ddpm uses T unless given)
+    guidance_scale: float = 2.0  # classifier-free guidance w (1 = off)
+    batch_size: int = 32
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["test", "new_test"])
+    seeds: int = 1  # repeat sampling with this many seeds and report mean and spread
+    evaluator: str | None = None  # official-format checkpoint.pth; None = look in the data root, then our own
+
+
+@dataclass
+class Config:
+    name: str = "default"  # run folder name under runs/
+    seed: int = 0  # seeds model init, data order, noise and sampling
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.resize": ("squash", "center_crop"),
+    "schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
+    "schedule.prediction_type": ("epsilon", "v_prediction"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.nan_policy": ("stop", "skip"),
+    "sample.sampler": ("ddpm", "ddim", "dpm++", "unipc"),
+}
+PRESETS = ("default", "seed", "full", "compare-timesteps")
+
+
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def valid_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key a YAML file or `--set` may use."""
+    obj = Config() if obj is None else obj
+    keys = []
+    for name in _fields(obj):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(valid_keys(value, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field's type hint, converting only where it is lossless (int->float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except IclevrError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise IclevrError(f"Config key '{key}' must be a list of {item.__name__}, got {value!r}.")
+        return [_coerce(v, item, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise IclevrError(f"Config key '{key}' must be {hint.__name__}, got {value!r}.")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (`train.lr`) with type checking."""
+    parts = key.split(".")
+    target: Any = cfg
+    for part in parts[:-1]:
+        if part not in _fields(target) or not dataclasses.is_dataclass(getattr(target, part)):
+            raise _unknown(key)
+        target = getattr(target, part)
+    name = parts[-1]
+    if name not in _fields(target) or dataclasses.is_dataclass(getattr(target, name)):
+        raise _unknown(key)
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _coerce(value, hint, key))
+
+
+def _unknown(key: str) -> IclevrError:
+    import difflib
+
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return IclevrError(f"Unknown config key '{key}'.{hint} Valid keys: {', '.join(keys)}.")
+
+
+def _flatten(data: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        section = Config() if not prefix else None
+        is_section = section is not None and k in _fields(section) and dataclasses.is_dataclass(
+            getattr(section, k)
+        )
+        if isinstance(v, dict) and is_section:
+            yield from _flatten(v, f"{key}.")
+        else:
+            yield key, v
+
+
+def preset_path(name: str) -> Path:
+    """Path of a shipped preset (`default`, `seed`, `full`, `compare-timesteps`)."""
+    return Path(str(resources.files("iclevr_diffusion").joinpath("presets", f"{name}.yaml")))
+
+
+def resolve_config_path(spec: str) -> Path:
+    """`--config` takes a YAML path or the name of a shipped preset."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if spec in PRESETS:
+        return preset_path(spec)
+    if path.exists():
+        raise IclevrError(f"--config {spec} is not a file.")
+    raise IclevrError(
+        f"Config file '{spec}' not found. Give a YAML path or a preset name: {', '.join(PRESETS)}."
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise IclevrError(f"Config file {path} is not valid YAML{where}; fix the syntax.") from None
+    except OSError as e:
+        raise IclevrError(f"Cannot read config file {path}: {e.strerror}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise IclevrError(f"Config file {path} must hold a mapping of sections, not {type(data).__name__}.")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001); values are read as YAML ('[32, 64]', 'null', 'true')."""
+    if "=" not in text:
+        raise IclevrError(f"--set '{text}' must look like section.key=value, e.g. train.lr=1e-4.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads '1e-4' as a string (it wants '1.0e-4'); users expect a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> Config:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise IclevrError(f"Config key '{key}' is '{value}'; choose one of: {', '.join(choices)}.")
+    m = cfg.model
+    if len(m.attention) != len(m.block_out_channels):
+        raise IclevrError(
+            f"model.attention has {len(m.attention)} entries but model.block_out_channels has "
+            f"{len(m.block_out_channels)}; give one true/false per level."
+        )
+    bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
+    if bad:
+        raise IclevrError(
+            f"model.norm_num_groups={m.norm_num_groups} does not divide channel count(s) {bad}; "
+            "change model.norm_num_groups or model.block_out_channels."
+        )
+    if cfg.data.image_size % (2 ** (len(m.block_out_channels) - 1)):
+        raise IclevrError(
+            f"data.image_size={cfg.data.image_size} must be divisible by "
+            f"{2 ** (len(m.block_out_channels) - 1)} for {len(m.block_out_channels)} UNet levels."
+        )
+    positive = {
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "schedule.num_train_timesteps": cfg.schedule.num_train_timesteps,
+        "sample.steps": cfg.sample.steps,
+        "sample.batch_size": cfg.sample.batch_size,
+        "eval.seeds": cfg.eval.seeds,
+        "data.image_size": cfg.data.image_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise IclevrError(f"Config key '{key}' must be positive, got {value}.")
+    if not 0.0 <= cfg.train.label_dropout < 1.0:
+        raise IclevrError(f"train.label_dropout must be in [0, 1), got {cfg.train.label_dropout}.")
+    for split in cfg.eval.splits:
+        if split not in ("test", "new_test"):
+            raise IclevrError(f"eval.splits entry '{split}' is not a split; use test and/or new_test.")
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a config: defaults, then the YAML file, then `--set` overrides, then explicit flags.
+
+    `flags` maps dotted keys to values from CLI options; None values mean "not given".
+    """
+    cfg = Config()
+    if path is not None:
+        file = resolve_config_path(str(path))
+        cfg.name = file.stem
+        for key, value in _flatten(read_yaml(file)):
+            try:
+                set_key(cfg, key, value)
+            except IclevrError as e:
+                raise IclevrError(f"{file}: {e}") from None
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_key(cfg, key, value)
+    return validate(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config saved by `Config.to_dict` (run folders, checkpoints)."""
+    cfg = Config()
+    for key, value in _flatten(data):
+        set_key(cfg, key, value)
+    return validate(cfg)

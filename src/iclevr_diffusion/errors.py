@@ -1,0 +1,16 @@
+"""The one exception type users see.
+
+Core code raises `IclevrError` with a single-line message that names what is wrong (a file, a flag,
+a label) and how to fix it; the CLI prints it as `error: <message>` and exits with code 1.
+"""
+
+
+class IclevrError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class NotImplementedYet(IclevrError):
+    """A subcommand whose capability has not been built yet (it must not pretend to work)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"'{what}' is not implemented yet in this version of iclevr-diffusion.")

@@ -1,0 +1,32 @@
+"""The training noise schedule (a diffusers DDPMScheduler) built from the `schedule` config section.
+
+Samplers for inference are made from this scheduler's config (see samplers.py), so the betas a model
+was trained with are the betas it is sampled with.
+"""
+
+from __future__ import annotations
+
+from diffusers import DDPMScheduler
+
+from iclevr_diffusion.config import ScheduleConfig
+
+# diffusers' own "scaled_linear" is the latent-diffusion sqrt schedule; ours is the DDPM-sense one
+# (Nichol & Dhariwal): the linear betas scaled by 1000/T, so a short schedule still ends in noise.
+_DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+def make_train_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
+    scale = 1000.0 / cfg.num_train_timesteps if cfg.beta_schedule == "scaled_linear" else 1.0
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=_DIFFUSERS_NAME[cfg.beta_schedule],
+        beta_start=cfg.beta_start * scale,
+        beta_end=cfg.beta_end * scale,
+        prediction_type=cfg.prediction_type,
+        clip_sample=True,
+    )
+
+
+def final_alpha_bar(scheduler: DDPMScheduler) -> float:
+    """alpha_bar at t = T: how much signal is left where sampling starts from pure noise."""
+    return float(scheduler.alphas_cumprod[-1])

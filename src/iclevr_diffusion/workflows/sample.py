@@ -1,0 +1,7 @@
+"""Workflow for `iclevr-diff sample` (not built yet)."""
+
+from iclevr_diffusion.errors import NotImplementedYet
+
+
+def run(*args, **kwargs) -> None:
+    raise NotImplementedYet("iclevr-diff sample")
