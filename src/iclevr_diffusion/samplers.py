@@ -1,7 +1,21 @@
 """Inference samplers by name, each made `from_config` of the training DDPMScheduler.
 
-Because every sampler is built from the training scheduler's config, it uses the exact betas the
-model was trained with; only the stepping rule differs.
+Because every sampler is built from the training scheduler's config, it uses the exact betas and
+prediction type the model was trained with; only the stepping rule differs.
+
+Choices that hold for every sampler here (probed on every schedule the trainer offers - linear,
+scaled_linear, cosine; epsilon and v_prediction; T = 100 and 1000 - in tests/test_pipeline.py):
+
+- timestep_spacing="trailing": the first step is at t = T-1, where the model was trained on (almost)
+  pure noise. diffusers' DDPM config says "leading", which starts a 10-step DDIM at t = 900 and a short
+  schedule (T = 100) at a point far from noise (Lin et al. 2023, "Common diffusion noise schedules
+  and sample steps are flawed", recommend trailing).
+- The predicted clean image is clipped to [-1, 1] whenever the training scheduler clips
+  (clip_sample=True, as DDPM and DDIM do). DPM-Solver++ and UniPC have no clip_sample; their
+  `thresholding` with sample_max_value = 1 is exactly that clip. Without it an epsilon model's x0
+  estimate at t = T-1 (x0 = (x - sqrt(1 - a) eps) / sqrt(a), sqrt(a) ~ 0.006 on the linear
+  schedule) amplifies any error in eps ~160 times, and a briefly trained model came out with pixel
+  std ~80 (cosine + UniPC: ~10,000) instead of ~0.5.
 """
 
 from __future__ import annotations
@@ -22,17 +36,36 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
 def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule."""
     config = train_scheduler.config
+    common = {"timestep_spacing": "trailing"}
+    clip = bool(config.get("clip_sample", True))
+    clip_range = float(config.get("clip_sample_range", 1.0))
+    solver_clip = {"thresholding": clip, "sample_max_value": clip_range, "dynamic_thresholding_ratio": 0.995}
     if name == "ddpm":
-        return DDPMScheduler.from_config(config)
+        return DDPMScheduler.from_config(config, **common)
     if name == "ddim":
-        return DDIMScheduler.from_config(config, set_alpha_to_one=True)
-    # With the cosine schedule, log-SNR at t = T is -inf-like and DPM-Solver's first step explodes;
-    # clipping lambda (documented remedy, value from diffusers' docs) keeps it finite.
-    clip = -5.1 if config.get("beta_schedule") == "squaredcos_cap_v2" else -float("inf")
+        return DDIMScheduler.from_config(config, set_alpha_to_one=True, **common)
     if name == "dpm++":
+        # With the cosine schedule, log-SNR near t = T is hugely negative and DPM-Solver's first step
+        # explodes; clipping lambda (diffusers' documented remedy for cosine) drops those steps.
+        cosine = config.get("beta_schedule") == "squaredcos_cap_v2"
         return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, lambda_min_clipped=clip
+            config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            lambda_min_clipped=-5.1 if cosine else -float("inf"),
+            **solver_clip,
+            **common,
         )
     if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
+        return UniPCMultistepScheduler.from_config(config, **solver_clip, **common)
     raise IclevrError(f"Unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}.")
+
+
+def check_steps(steps: int, train_scheduler: SchedulerMixin) -> int:
+    """`steps` if every sampler can take it (1..T; all four were tried at 1, 2 and T), else IclevrError."""
+    total = int(train_scheduler.config.num_train_timesteps)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise IclevrError(f"--steps must be a positive whole number, got {steps!r}.")
+    if steps > total:
+        raise IclevrError(f"--steps {steps} is more than the model's {total} training timesteps; use at most {total}.")
+    return steps

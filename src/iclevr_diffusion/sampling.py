@@ -16,9 +16,8 @@ from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
-from iclevr_diffusion.samplers import make_sampler
+from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
+from iclevr_diffusion.samplers import SAMPLERS, check_steps, make_sampler
 
 MODEL_DIR = "model"
 RUN_CONFIG = "run_config.yaml"
@@ -56,6 +55,7 @@ def load_pipeline(
     """The pipeline (on `device`), the config of the run that made it, and the model folder."""
     from diffusers.utils import logging as dlogging
 
+    target = resolve_device(device)  # a bad --device fails before the slow load
     folder = find_model_dir(model, runs_dir)
     dlogging.disable_progress_bar()
     dlogging.set_verbosity_error()
@@ -67,9 +67,47 @@ def load_pipeline(
     cfg = Config()
     if (folder / RUN_CONFIG).is_file():
         cfg = config_from_dict(read_config_yaml(folder / RUN_CONFIG))
-    pipe.to(resolve_device(device))
+    pipe.to(target)
     pipe.unet.eval()
     return pipe, cfg, folder
+
+
+def resolve_sampling(
+    cfg: Config,
+    pipe: ConditionalDDPMPipeline,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[str, int, float]:
+    """Sampler, steps and guidance: the flags where given, else the run config's `sample` section.
+
+    ddpm takes all T steps unless --steps is given for it: the report's ancestral sampler is the
+    full chain, and the config's step count is meant for the fast solvers.
+    """
+    sampler = sampler or cfg.sample.sampler
+    if sampler not in SAMPLERS:
+        raise IclevrError(f"Unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}.")
+    if steps is None:
+        steps = int(pipe.scheduler.config.num_train_timesteps) if sampler == "ddpm" else cfg.sample.steps
+    check_steps(steps, pipe.scheduler)
+    guidance = cfg.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if guidance < 0:
+        raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance}.")
+    return sampler, steps, guidance
+
+
+def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, image index).
+
+    Image i of a seed is then the same whatever the batch size and whatever else is drawn with it,
+    and different seeds give unrelated noise (seed + i would make seed 1 a shifted copy of seed 0).
+    """
+    import numpy as np
+
+    return [
+        torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1, dtype=np.uint64)[0] >> 1))
+        for i in range(start, start + count)
+    ]
 
 
 def generate(
@@ -81,17 +119,44 @@ def generate(
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches with one seeded generator."""
+    autocast: bool | None = None,
+    frames: int = 0,
+):
+    """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches of `batch_size`.
+
+    Image i is seeded from (seed, i), so it does not depend on batch_size. `progress(n)` is called
+    after every denoising step of a batch with n = the images in that batch, so a bar over
+    len(conditions) * steps fills exactly. `autocast=None` takes the measured default for the device
+    (bf16 on CPUs with native bf16). With `frames` > 0 also returns the (frames, N, 3, S, S)
+    denoising-process states (see ConditionalDDPMPipeline).
+    """
+    if batch_size < 1:
+        raise IclevrError(f"--batch-size must be positive, got {batch_size}.")
+    if seed < 0:
+        raise IclevrError(f"--seed must be 0 or more, got {seed}.")
     train_scheduler = pipe.scheduler
     pipe.scheduler = make_sampler(sampler, train_scheduler)
+    labels = labels_to_tensor(conditions, pipe.unet.config.num_classes, warn=False)  # input time warned
+    chunks, strips = [], []
     try:
-        generator = torch.Generator().manual_seed(seed)
-        labels = multi_hot_batch(conditions)
-        chunks = [
-            pipe(labels[i : i + batch_size], steps, guidance_scale, generator=generator, callback=progress)
-            for i in range(0, len(labels), batch_size)
-        ]
+        for i in range(0, len(labels), batch_size):
+            batch = labels[i : i + batch_size]
+            out = pipe(
+                batch,
+                steps,
+                guidance_scale,
+                generator=image_generators(seed, i, len(batch)),
+                callback=progress,
+                autocast=autocast,
+                frames=frames,
+            )
+            if frames:
+                out, strip = out
+                strips.append(strip)
+            chunks.append(out)
     finally:
         pipe.scheduler = train_scheduler
-    return torch.cat(chunks)
+    images = torch.cat(chunks)
+    if frames:
+        return images, torch.cat(strips, dim=1)
+    return images
