@@ -1,7 +1,84 @@
-"""Workflow for `iclevr-diff train` (not built yet)."""
+"""Workflow for `iclevr-diff train`: a progress bar on stderr around `training.train`, a summary table at the end.
 
-from iclevr_diffusion.errors import NotImplementedYet
+`train_progress` is shared with compare-timesteps, which trains several runs in a row.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from iclevr_diffusion.config import Config
+from iclevr_diffusion.workflows import console
 
 
-def run(*args, **kwargs) -> None:
-    raise NotImplementedYet("iclevr-diff train")
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@contextmanager
+def train_progress(name: str, quiet: bool = False) -> Iterator:
+    """A progress(event, **info) callback for `training.train` that drives one bar on stderr:
+    data rendering on first use, then steps with loss, images/s and time left; notes are printed."""
+    extra = "loss {task.fields[loss]}  {task.fields[ips]} img/s  {task.fields[left]} left"
+    with console.progress_bar(name, None, quiet=quiet, extra=extra) as advance:
+        done = {"step": 0}
+
+        def progress(event: str, **info) -> None:
+            if event == "render":  # first use of the built-in dataset: the same bar shows the rendering
+                advance(0, completed=info["done"], total=info["total"], description="render data")
+            elif event == "start":
+                done["step"] = info["step"]
+                advance(0, completed=info["step"], total=info["total"], description=name)
+                if not quiet:
+                    where = f", resumed from {info['resumed_from']}" if info.get("resumed_from") else ""
+                    precision = "fp32" if info["mixed_precision"] == "no" else info["mixed_precision"]
+                    console.err.print(f"mixed precision: {precision}, {info['world']} process(es){where}")
+            elif event == "horizon":
+                advance(0, total=info["total"])
+            elif event == "step":
+                ips = info["images_per_s"]
+                advance(info["step"] - done["step"], loss=f"{info['loss']:.4f}",
+                        ips=f"{ips:.1f}" if ips else "?", left=_duration(info["eta_s"]))
+                done["step"] = info["step"]
+            elif event == "note" and not quiet:
+                console.err.print(info["message"])
+
+        yield progress
+
+
+def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, quiet: bool = False) -> None:
+    from iclevr_diffusion.model import ConditionalUNet, count_parameters
+    from iclevr_diffusion.training import train
+
+    run_dir = Path(runs_dir) / cfg.name
+    params = count_parameters(ConditionalUNet.from_run_config(cfg))
+    if not quiet:
+        console.err.print(
+            f"training [bold]{cfg.name}[/]: {params / 1e6:.2f}M parameters, "
+            f"{cfg.data.root or 'built-in synthetic data'}, run folder {run_dir}"
+        )
+    with warnings.catch_warnings(), train_progress("train", quiet) as progress:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        result = train(cfg, run_dir, resume=resume, progress=progress)
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    rows = [
+        ("run folder", str(run_dir)),
+        ("steps", result.step),
+        ("epochs completed", result.epoch),
+        ("stopped by", result.stopped_by),
+        ("last logged loss", result.loss if result.loss is not None else "-"),
+        ("images/s", result.images_per_s if result.images_per_s is not None else "-"),
+        ("training time", _duration(result.elapsed_s)),
+        ("mixed precision", "fp32" if result.mixed_precision == "no" else result.mixed_precision),
+        ("exported model", str(result.model_dir)),
+        ("latest samples", str(samples[-1]) if samples else "-"),
+    ]
+    console.out.print(console.table(f"train: {cfg.name}", ["", "value"], rows))

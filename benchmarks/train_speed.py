@@ -1,0 +1,169 @@
+"""Training speed (images/s) of the presets and of each speed lever, measured side by side in one run.
+
+    python benchmarks/train_speed.py              # full table (about 6 minutes on a 2-core CPU)
+    python benchmarks/train_speed.py --threads 1  # steadier ratios when other jobs share the CPU
+    python benchmarks/train_speed.py --smoke      # tiny models, seconds: checks the script works
+
+Each variant runs full optimizer steps (forward, loss, backward, AdamW) on random 64x64 batches
+with the same code path as training (`losses.diffusion_loss`); one step per variant is warm-up.
+Ratios are what matter: all variants are built in one process and timed in interleaved rounds
+(every variant once per round), and each keeps its best round, so load from other jobs that
+comes and goes hits all of them alike.
+Writes benchmarks/results/train_speed.json with the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from iclevr_diffusion.config import Config, load_config
+from iclevr_diffusion.losses import diffusion_loss
+from iclevr_diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.schedule import make_train_scheduler
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_speed.json"
+
+
+def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
+    """(name, config, bf16 autocast, channels_last) rows; presets first, then one lever at a time."""
+
+    def preset(name: str, *sets: str) -> Config:
+        return load_config(name, list(sets))
+
+    if smoke:
+        tiny = ("model.block_out_channels=[8, 16]", "model.attention=[false, true]", "model.norm_num_groups=4",
+                "model.attention_head_dim=8", "data.image_size=16", "model.layers_per_block=1")  # a few seconds
+        return [("tiny fp32", preset("default", *tiny), False, False),
+                ("tiny bf16", preset("default", *tiny), True, False)]
+    no32 = "model.attention=[false, false, true, true]"
+    a3 = ("model.block_out_channels=[64, 128, 128]", "model.attention=[false, false, true]")
+    rows = [
+        ("seed preset, fp32 (as the report)", preset("seed"), False, False),
+        ("seed + bf16 autocast", preset("seed"), True, False),
+        ("seed + channels_last (fp32)", preset("seed"), False, True),
+        ("seed, no 32x32 attention (fp32)", preset("seed", no32), False, False),
+        ("seed, no 32x32 attention + bf16", preset("seed", no32), True, False),
+        ("default preset (bf16)", preset("default"), True, False),
+        ("default preset (fp32)", preset("default"), False, False),
+        ("default + channels_last (bf16)", preset("default"), True, True),
+        ("cand A: default with 2 layers per block", preset("default", *a3, "model.layers_per_block=2"), True, False),
+        ("cand A1m: default, middle attention only", preset("default", "model.attention=[false, false, false]"),
+         True, False),
+        ("cand B 32-64-128, 2 layers, attn 16+mid", preset("default", "model.block_out_channels=[32, 64, 128]",
+                                                          "model.layers_per_block=2"), True, False),
+        ("full preset (bf16)", preset("full"), True, False),
+    ]
+    return rows
+
+
+class Bench:
+    """One variant's model, optimizer and fixed random batch; `run(seconds)` returns images/s."""
+
+    def __init__(self, cfg: Config, bf16: bool, channels_last: bool, batch: int):
+        torch.manual_seed(0)
+        self.model = ConditionalUNet.from_run_config(cfg)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.sched = make_train_scheduler(cfg.schedule)
+        size = cfg.data.image_size
+        self.gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, size, size, generator=self.gen).clamp(-1, 1)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.labels = (torch.rand(batch, 24, generator=self.gen) < 0.08).float()
+        self.bf16, self.batch = bf16, batch
+
+    def step(self) -> None:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
+            loss = diffusion_loss(self.model, self.sched, self.x, self.labels, generator=self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def run(self, seconds: float) -> float:
+        steps, start = 0, time.perf_counter()
+        while steps < 1 or time.perf_counter() - start < seconds:
+            self.step()
+            steps += 1
+        return steps * self.batch / (time.perf_counter() - start)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a few seconds")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per variant per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round counts")
+    parser.add_argument("--only", default="", help="comma-separated substrings of variant names to run")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0 = torch's default); 1 gives steadier ratios on a shared CPU")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
+    args = parser.parse_args()
+    # A smoke run must not overwrite the real figures.
+    args.out = args.out or (RESULTS.with_name(RESULTS.stem + "_smoke.json") if args.smoke else RESULTS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seconds, rounds, batch = (0.5, 2, 4) if args.smoke else (args.seconds, args.rounds, args.batch)
+    picks = [s.strip() for s in args.only.split(",") if s.strip()]
+    chosen = [v for v in variants(args.smoke) if not picks or any(p in v[0] for p in picks)]
+    benches = [Bench(cfg, bf16, cl, batch) for _, cfg, bf16, cl in chosen]
+    for b in benches:  # warm-up: allocator, autocast caches, lazy init
+        b.step()
+    speeds = [[] for _ in chosen]
+    for r in range(rounds):
+        for i, b in enumerate(benches):
+            speeds[i].append(b.run(seconds))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{s[-1]:.1f}" for s in speeds), flush=True)
+    rows = []
+    for (name, cfg, bf16, cl), b, sp in zip(chosen, benches, speeds):
+        rows.append({"name": name, "params": count_parameters(b.model), "images_per_s": max(sp),
+                     "images_per_s_rounds": sp, "bf16": bf16, "channels_last": cl,
+                     "block_out_channels": cfg.model.block_out_channels, "attention": cfg.model.attention,
+                     "mid_attention": cfg.model.mid_attention, "layers_per_block": cfg.model.layers_per_block})
+    base = rows[0]["images_per_s"]
+    print(f"\n{'variant':48s} {'params':>9s} {'images/s':>9s} {'x first row':>11s}")
+    for r in rows:
+        r["speedup_vs_first"] = r["images_per_s"] / base
+        print(f"{r['name']:48s} {r['params'] / 1e6:8.2f}M {r['images_per_s']:9.1f} {r['speedup_vs_first']:10.1f}x")
+    result = {"machine": machine(), "batch_size": batch, "image_size": 16 if args.smoke else 64,
+              "seconds_per_variant_per_round": seconds, "rounds": rounds, "smoke": args.smoke,
+              "method": "interleaved rounds in one process, best round per variant; full optimizer steps",
+              "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

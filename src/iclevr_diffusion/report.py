@@ -1,0 +1,72 @@
+"""Figures a user looks at: the learning curve (loss.png) and image grids (8 per row).
+
+matplotlib runs on the Agg backend (no display needed); every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from iclevr_diffusion.io import atomic_path, save_image
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a line cut short by a crash is skipped."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def plot_loss(metrics: Path, out: Path, title: str | None = None) -> bool:
+    """loss.png: training loss against step (log scale) with lr on a second axis; False if no data yet."""
+    rows = [r for r in read_metrics(metrics) if "loss" in r and "step" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", lw=1.2, label="loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (MSE)")
+    losses = [r["loss"] for r in rows]
+    if min(losses) > 0 and max(losses) / min(losses) > 10:  # log only where it spreads the curve out
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if all("lr" in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r["lr"] for r in rows], color="tab:orange", lw=0.8, alpha=0.7, label="lr")
+        ax2.set_ylabel("learning rate", color="tab:orange")
+    ax.set_title(title or f"{Path(metrics).parent.name}: training loss")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return True
+
+
+def to_grid(images: torch.Tensor, nrow: int = 8):
+    """(N, 3, H, W) images in [-1, 1] -> one PIL image, `nrow` per row (torchvision make_grid)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
+    save_image(to_grid(images, nrow), path)
+    return Path(path)

@@ -1,0 +1,153 @@
+"""What a training run leaves in its folder besides checkpoints: metrics.jsonl, sample grids, the
+exported model/ (EMA weights + training scheduler, diffusers format) and best/ from evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from iclevr_diffusion import checkpoints as ckpt
+from iclevr_diffusion.config import Config
+
+SAMPLE_CONDITIONS = 32  # the first 32 test.json conditions, 8 per row
+
+
+class RunFiles:
+    """The run folder's files (main process only)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.checkpoints = run_dir / ckpt.CHECKPOINTS
+        self.samples = run_dir / "samples"
+        self.metrics = run_dir / "metrics.jsonl"
+
+    def start(self, cfg: Config, step: int) -> None:
+        from iclevr_diffusion.io import write_text
+
+        for d in (self.run_dir, self.checkpoints, self.samples):
+            d.mkdir(parents=True, exist_ok=True)
+        write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        self._truncate(step)
+
+    def _truncate(self, step: int) -> None:
+        """Drop metric lines written after the step we resume from, so the curve continues seamlessly."""
+        if not self.metrics.exists():
+            return
+        from iclevr_diffusion.io import write_text
+
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+        write_text(self.metrics, "".join(f"{line}\n" for line in keep))
+
+    def log(self, row: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class ema_weights:
+    """Context: the model holds the EMA weights inside, its own weights again after."""
+
+    def __init__(self, model, ema):
+        self.model, self.ema = model, ema
+
+    def __enter__(self):
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        return self.model
+
+    def __exit__(self, *exc):
+        self.ema.restore(self.model.parameters())
+        return False
+
+
+def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
+    """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.sampling import generate
+
+    conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
+    pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = model.training
+    model.eval()
+    try:
+        s = cfg.sample
+        steps = s.steps if s.sampler != "ddpm" else min(s.steps, noise_sched.config.num_train_timesteps)
+        return generate(pipe, conditions, s.sampler, steps, s.guidance_scale, seed=cfg.seed, batch_size=s.batch_size)
+    finally:
+        model.train(was_training)
+
+
+def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
+    """model/ = ConditionalDDPMPipeline(EMA UNet, training scheduler) + run_config.yaml, swapped in atomically."""
+    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp"
+    old = out.parent / f".{out.name}.old"
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    with ema_weights(model, ema):
+        ConditionalDDPMPipeline(unet=model, scheduler=noise_sched).save_pretrained(tmp)
+    (tmp / "run_config.yaml").write_text(cfg.to_yaml())
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int, emit, main: bool,
+                  data_root: Path | None = None) -> dict | None:
+    """Score the EMA model on cfg.eval.splits with the ResNet18 evaluator; keep best/ when it improves.
+
+    The evaluator is cfg.eval.evaluator, else the data root's checkpoint.pth or its own trained one
+    (`iclevr_diffusion.evaluation.find_evaluator`). Without one, evaluation is skipped with a note.
+    Writes eval.jsonl (step, accuracy per split, mean) and best/ (an export like model/ + best.json).
+    """
+    if not main:
+        return None
+    try:
+        from iclevr_diffusion import evaluation
+    except ImportError:
+        emit("note", message="evaluation skipped: iclevr_diffusion.evaluation is not available")
+        return None
+    choice = evaluation.find_evaluator(cfg.eval.evaluator, data_root)
+    if choice is None:
+        emit("note", message="evaluation skipped: no evaluator (set eval.evaluator, or 'iclevr-diff train-evaluator')")
+        return None
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.io import write_json
+    from iclevr_diffusion.labels import multi_hot_batch
+
+    judge = evaluation.load_evaluator(choice.path, next(model.parameters()).device)
+    scores = {}
+    with ema_weights(model, ema):
+        for split in cfg.eval.splits:
+            conditions = load_conditions(split)
+            images = sample_images(model, noise_sched, cfg, conditions)
+            scores[split] = evaluation.score_images(judge, images, multi_hot_batch(conditions)).accuracy
+    mean = sum(scores.values()) / len(scores)
+    row = {"step": step, **scores, "mean": mean}
+    with open(run_dir / "eval.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    best_file = run_dir / "best" / "best.json"
+    best = json.loads(best_file.read_text())["mean"] if best_file.exists() else -math.inf
+    emit("note", message=f"step {step}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if mean > best:
+        export_model(model, ema, noise_sched, cfg, run_dir / "best")
+        write_json(best_file, row)
+        emit("note", message=f"new best at step {step}: mean accuracy {mean:.3f} (saved to best/)")
+    return row

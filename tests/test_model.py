@@ -1,0 +1,109 @@
+"""ConditionalUNet, noise schedules and the loss's targets and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from iclevr_diffusion.config import load_config
+from iclevr_diffusion.losses import diffusion_loss, snr_weights, target_for
+from iclevr_diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
+from tiny_data import TINY_MODEL
+
+
+def structure(module: nn.Module) -> list[tuple[str, str]]:
+    return [(name, type(m).__name__) for name, m in module.named_modules()]
+
+
+def test_seed_preset_is_the_reports_model():
+    model = ConditionalUNet.from_run_config(load_config("seed"))
+    report_unet = UNet2DModel(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 96, 128),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        class_embed_type="identity",
+    )
+    report_proj = nn.Linear(24, 128)
+    expected = count_parameters(report_unet) + count_parameters(report_proj)
+    print(f"seed preset: {count_parameters(model):,} parameters (report: {expected:,})")
+    assert count_parameters(model) == expected
+    assert structure(model.unet) == structure(report_unet)
+    assert (model.label_proj.in_features, model.label_proj.out_features) == (24, 128)
+    assert model.unet.config.attention_head_dim == report_unet.config.attention_head_dim
+
+
+def test_every_architecture_knob_reaches_the_unet():
+    cfg = load_config("default", [*TINY_MODEL, "model.dropout=0.2", "model.mid_attention=false",
+                                  "model.layers_per_block=3", "model.attention_head_dim=4"])
+    unet = ConditionalUNet.from_run_config(cfg).unet
+    c = unet.config
+    assert c.sample_size == 16 and list(c.block_out_channels) == [8, 16] and c.layers_per_block == 3
+    assert c.norm_num_groups == 4 and c.dropout == 0.2 and c.add_attention is False and c.attention_head_dim == 4
+    assert list(c.down_block_types) == ["DownBlock2D", "AttnDownBlock2D"]
+    assert list(c.up_block_types) == ["AttnUpBlock2D", "UpBlock2D"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = ConditionalUNet.from_run_config(load_config("default", TINY_MODEL)).eval()
+    model.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "config.json").is_file()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    again = ConditionalUNet.from_pretrained(tmp_path / "unet").eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    labels = torch.zeros(2, 24)
+    labels[0, 1] = labels[1, 5] = 1
+    with torch.no_grad():
+        out = model(x, t, labels)
+        assert out.shape == x.shape
+        assert torch.equal(out, again(x, t, labels))
+        assert not torch.allclose(out, model(x, t, torch.zeros_like(labels)))  # labels matter
+
+
+@pytest.mark.parametrize("T", [100, 1000])
+def test_schedules_end_in_noise(T):
+    scaled = make_train_scheduler(load_config("default", [f"schedule.num_train_timesteps={T}",
+                                                          "schedule.beta_schedule=scaled_linear"]).schedule)
+    cosine = make_train_scheduler(load_config("default", [f"schedule.num_train_timesteps={T}",
+                                                          "schedule.beta_schedule=cosine"]).schedule)
+    assert final_alpha_bar(scaled) < 1e-3 and final_alpha_bar(cosine) < 1e-3
+    assert cosine.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_v_prediction_target_and_min_snr_weights():
+    cfg = load_config("default", ["schedule.prediction_type=v_prediction"])
+    sched = make_train_scheduler(cfg.schedule)
+    x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0, 500, 999])
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(target_for(sched, x0, noise, t), a * noise - s * x0)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    torch.testing.assert_close(snr_weights(sched, t, 5.0), snr.clamp(max=5) / (snr + 1))
+    eps = make_train_scheduler(load_config("default").schedule)
+    w = snr_weights(eps, t, 5.0)
+    assert w[0] < 0.01 and w[2] == pytest.approx(1.0)  # low-noise steps are down-weighted
+
+
+def test_min_snr_loss_runs_and_differs():
+    cfg = load_config("default", TINY_MODEL)
+    model = ConditionalUNet.from_run_config(cfg)
+    sched = make_train_scheduler(cfg.schedule)
+    x, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.zeros(4, 24)
+    plain = diffusion_loss(model, sched, x, labels, torch.Generator().manual_seed(0))
+    weighted = diffusion_loss(model, sched, x, labels, torch.Generator().manual_seed(0), min_snr_gamma=5.0)
+    assert torch.isfinite(weighted) and not torch.isclose(plain, weighted)
+
+
+def test_dataclass_defaults_equal_the_default_preset():
+    from iclevr_diffusion.config import Config
+
+    defaults, preset = Config().to_dict(), load_config("default").to_dict()
+    for section in ("data", "model", "schedule", "train", "sample"):
+        assert defaults[section] == preset[section], section

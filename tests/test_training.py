@@ -1,0 +1,213 @@
+"""Training loop, checkpoints, resume and EMA export on a tiny model and a tiny PIL-drawn dataset."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iclevr_diffusion import checkpoints as ckpt
+from iclevr_diffusion.config import load_config
+from iclevr_diffusion.errors import IclevrError
+from iclevr_diffusion.losses import diffusion_loss, drop_labels
+from iclevr_diffusion.model import ConditionalUNet
+from iclevr_diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.training import train
+from tiny_data import TINY_MODEL, make_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "iclevr_data", n=12)
+
+
+def tiny_cfg(root, *sets):
+    return load_config("default", [*TINY_MODEL, f"data.root={root}", *sets])
+
+
+def final_weights(run_dir):
+    return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
+
+
+def test_loss_falls_on_a_fixed_batch(data_root):
+    cfg = tiny_cfg(data_root)
+    torch.manual_seed(0)
+    model = ConditionalUNet.from_run_config(cfg)
+    sched = make_train_scheduler(cfg.schedule)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    labels = torch.zeros(4, 24)
+    labels[:, 3] = 1
+    losses = []
+    for _ in range(25):
+        loss = diffusion_loss(model, sched, images, labels, torch.Generator().manual_seed(1))  # same noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_label_dropout_hits_the_rate():
+    labels = torch.ones(20000, 24)
+    dropped = drop_labels(labels, 0.1, torch.Generator().manual_seed(0))
+    null = (dropped.sum(1) == 0).float().mean().item()
+    assert abs(null - 0.1) < 0.01
+    kept = dropped[dropped.sum(1) > 0]
+    assert torch.equal(kept, torch.ones_like(kept))  # whole rows, never single labels
+    assert torch.equal(drop_labels(labels, 0.0), labels)
+
+
+def test_checkpoint_files_round_trip_bit_exact(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    weights = {"a.weight": torch.randn(3, 4, generator=g), "b.bias": torch.randn(5, generator=g).half()}
+    ema = [torch.randn(2, 2, generator=g)]
+    opt_state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4, generator=g)}},
+                 "param_groups": [{"lr": 1e-4, "params": [0]}]}
+    state = {"step": 7, "epoch": 1, "batch": 2, "ema": {"decay": 0.999}}
+    tmp = ckpt.begin(tmp_path, 7)
+    ckpt.write_rng(tmp, 0, ckpt.capture_rng(g))
+    path = ckpt.finish(tmp, 7, weights, ema, opt_state, state, "name: x\n", keep=3)
+    loaded = ckpt.load(path)
+    assert path.name == "step_000007" and not tmp.exists()
+    for k, v in weights.items():
+        assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v)
+    assert torch.equal(loaded["ema"][0], ema[0])
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], opt_state["state"][0]["exp_avg"])
+    assert loaded["state"] == state
+    assert torch.equal(loaded["rng"]["generator"], g.get_state())
+
+
+def test_run_folder_ema_export_and_pruning(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                   "train.sample_every=2", "train.ema_decay=0.9")
+    run = tmp_path / "run"
+    result = train(cfg, run)
+    assert result.step == 4 and result.stopped_by == "max_steps"
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_000003", "step_000004"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "images_per_s", "elapsed_s"}
+    assert (run / "loss.png").stat().st_size > 0 and (run / "config.yaml").is_file()
+    # The export holds the EMA weights, which differ from the raw ones.
+    last = ckpt.load(run / "checkpoints" / "step_000004")
+    exported = load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    model = ConditionalUNet.from_run_config(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(last["ema"])
+    for name, ema_value in zip(names, last["ema"]):
+        assert torch.equal(exported[name], ema_value)
+    assert any(not torch.equal(last["model"][n], e) for n, e in zip(names, last["ema"]))
+    assert (run / "model" / "run_config.yaml").is_file()
+
+
+def test_interrupt_then_resume_equals_uninterrupted(data_root, tmp_path):
+    sets = ("train.max_steps=7", "data.hflip=true", "train.label_dropout=0.5", "model.dropout=0.1")
+    straight = train(tiny_cfg(data_root, *sets), tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(data_root, *sets), tmp_path / "b", interrupt_after=4)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_000004"]
+    resumed = train(tiny_cfg(data_root, *sets), tmp_path / "b")  # same command again
+    assert resumed.resumed_from.name == "step_000004" and resumed.step == straight.step == 7
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = lambda run: [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert steps(tmp_path / "b") == steps(tmp_path / "a") == list(range(1, 8))
+
+
+def test_same_seed_same_weights_other_seed_differs(data_root, tmp_path):
+    train(tiny_cfg(data_root, "train.max_steps=3"), tmp_path / "a")
+    train(tiny_cfg(data_root, "train.max_steps=3"), tmp_path / "b")
+    train(tiny_cfg(data_root, "train.max_steps=3", "seed=1"), tmp_path / "c")
+    a, b, c = (final_weights(tmp_path / x) for x in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_corrupt_newest_checkpoint_falls_back(data_root, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(data_root, "train.max_steps=4", "train.checkpoint_every=2")
+    train(cfg, run)
+    (run / "checkpoints" / "step_000004" / "model.safetensors").write_bytes(b"garbage")
+    notes = []
+    result = train(cfg, run, progress=lambda e, **i: notes.append(i.get("message", "")))
+    assert result.resumed_from.name == "step_000002" and result.step == 4
+    assert any("step_000004" in n and "falling back" in n for n in notes)
+
+
+def test_resume_with_another_model_is_an_error(data_root, tmp_path):
+    train(tiny_cfg(data_root, "train.max_steps=1"), tmp_path / "run")
+    with pytest.raises(IclevrError, match="model.layers_per_block"):
+        train(tiny_cfg(data_root, "train.max_steps=2", "model.layers_per_block=2"), tmp_path / "run")
+
+
+class _NaNFirst(torch.utils.data.Dataset):
+    """Four images, the first of which is NaN."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        image = torch.full((3, 16, 16), float("nan") if i == 0 else 0.1)
+        return image, torch.eye(24)[i]
+
+
+def test_nan_policy(data_root, tmp_path):
+    with pytest.raises(IclevrError, match="nan_policy"):
+        train(tiny_cfg(data_root, "train.max_steps=2", "train.batch_size=1"), tmp_path / "a", dataset=_NaNFirst())
+    notes = []
+    result = train(tiny_cfg(data_root, "train.max_steps=5", "train.batch_size=1", "train.nan_policy=skip"),
+                   tmp_path / "b", dataset=_NaNFirst(), progress=lambda e, **i: notes.append(i.get("message", "")))
+    assert result.step == 5 and any("non-finite" in n for n in notes)
+
+
+def test_wall_clock_budget_and_bf16(data_root, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(tiny_cfg(data_root, "train.max_minutes=0.01", "train.mixed_precision=bf16"), tmp_path / "r")
+    assert result.stopped_by == "max_minutes" and result.mixed_precision == "bf16" and result.step >= 1
+    assert (tmp_path / "r" / "model" / "model_index.json").is_file()
+
+
+def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICLEVR_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config("default", [*TINY_MODEL, "data.synthetic_scenes=4", "train.max_steps=2"])
+    events = []
+    result = train(cfg, tmp_path / "run", progress=lambda e, **i: events.append((e, i)))
+    assert result.step == 2
+    renders = [i for e, i in events if e == "render"]
+    assert renders and renders[-1]["done"] == renders[-1]["total"]
+    assert any("built-in synthetic dataset" in i.get("message", "") for e, i in events if e == "note")
+
+
+def test_mixed_precision_choice(data_root):
+    from iclevr_diffusion.training import resolve_mixed_precision
+
+    cfg = tiny_cfg(data_root, "train.mixed_precision=auto")
+    model = ConditionalUNet.from_run_config(cfg)
+    before = torch.get_rng_state()
+    assert resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) in ("no", "bf16")  # measured
+    assert torch.equal(torch.get_rng_state(), before) and all(p.grad is None for p in model.parameters())
+    fixed = tiny_cfg(data_root, "train.mixed_precision=bf16")
+    assert resolve_mixed_precision(fixed, torch.device("cpu"), model, 2) == "bf16"
+
+
+def test_evaluation_during_training_keeps_best(tmp_path):
+    """With an evaluator checkpoint in the data root, eval_every scores test/new_test and keeps best/."""
+    from iclevr_diffusion.evaluation import OFFICIAL_NAME, build_evaluator
+
+    root = make_tiny_dataset(tmp_path / "data", n=8)
+    torch.manual_seed(0)
+    torch.save({"model": build_evaluator().state_dict()}, root / OFFICIAL_NAME)  # random but official-format
+    result = train(tiny_cfg(root, "train.max_steps=2", "train.eval_every=1", "sample.guidance_scale=1.0"),
+                   tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["test"] <= 1 and 0 <= r["new_test"] <= 1 for r in rows)
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["mean"] == max(r["mean"] for r in rows)
+    assert (tmp_path / "run" / "best" / "model_index.json").is_file() and result.step == 2
