@@ -98,3 +98,9 @@ def test_valid_keys_cover_every_section():
     keys = valid_keys()
     for section in ("data.", "model.", "schedule.", "train.", "sample.", "eval."):
         assert any(k.startswith(section) for k in keys)
+
+
+def test_no_stays_a_string():
+    """YAML 1.1 reads `no` as false; mixed_precision's 'no' must survive --set and files alike."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["data.hflip=true"]).data.hflip is True
