@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
@@ -105,7 +106,7 @@ def main() -> None:
         print(f"{r['name']:52s} {r['steps']:6d} {r['images_per_s'] or 0:7.1f} {r['train_loss'] or 0:10.4f} "
               f"{r['val_loss_ema']:10.4f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"seconds": args.seconds, "data": str(args.data), "threads": torch.get_num_threads(), "rows": rows}
+    result = {"machine": machine(), "seconds": args.seconds, "data": str(args.data), "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}; run folders in {runs}")
 

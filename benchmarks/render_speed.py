@@ -11,46 +11,21 @@ Prints a table and writes benchmarks/results/render_speed.json with the machine 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from machine_info import machine
 
 from iclevr_diffusion.data import synthetic
 from iclevr_diffusion.data.render import render_scenes
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def machine() -> dict:
-    import torch
-
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def render_only(scenes: int, size, repeats: int) -> list[dict]:

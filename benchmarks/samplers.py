@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.evaluation import score_images
@@ -163,14 +162,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "samplers",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "device": str(pipe.unet.device),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(str(pipe.unet.device)),
         "model": model_name,
         "evaluator": evaluator_name,
         "splits": {name: len(conds) for name, conds in sets},

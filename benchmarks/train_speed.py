@@ -15,15 +15,13 @@ Writes benchmarks/results/train_speed.json with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from iclevr_diffusion.config import Config, load_config
 from iclevr_diffusion.losses import diffusion_loss
@@ -98,25 +96,6 @@ class Bench:
             self.step()
             steps += 1
         return steps * self.batch / (time.perf_counter() - start)
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def main() -> None:

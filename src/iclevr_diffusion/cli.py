@@ -236,6 +236,14 @@ def compare_timesteps(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     timesteps: Annotated[str, typer.Option("--timesteps", help="Comma-separated T values.")] = "300,1000",
+    schedules: Annotated[
+        str, typer.Option("--schedules", help="Comma-separated beta schedules: linear, scaled_linear, cosine.")
+    ] = "linear",
+    max_minutes: Annotated[
+        float | None, typer.Option("--max-minutes", help="Wall-clock training budget of each run.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps of each run.")] = None,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the accuracy columns (no evaluator).")] = False,
     data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Experiment folder.")] = Path("runs/compare-timesteps"),
     device: DeviceOpt = None,
@@ -248,12 +256,14 @@ def compare_timesteps(
     from iclevr_diffusion.config import load_config
     from iclevr_diffusion.workflows import compare as workflow
 
-    flags = {"data.root": str(data) if data else None, "device": device, "seed": seed}
+    flags = {"data.root": str(data) if data else None, "device": device, "seed": seed,
+             "train.max_minutes": max_minutes, "train.max_steps": max_steps}
     cfg = load_config(config or "compare-timesteps", set_ or [], flags)
     if dry_run:
         typer.echo(cfg.to_yaml())
         return
-    workflow.run(cfg, timesteps=timesteps, out=out, as_json=json_, quiet=quiet)
+    workflow.run(cfg, timesteps=timesteps, schedules=schedules, out=out, evaluate=not no_eval, as_json=json_,
+                 quiet=quiet)
 
 
 @app.command("make-data")

@@ -1,0 +1,179 @@
+"""`iclevr-diff evaluate` and `train-evaluator` end to end, with real files and a real (tiny) model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import draw_scene, write_dataset
+from iclevr_diffusion.cli import app
+from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.evaluation import build_evaluator, load_evaluator
+from iclevr_diffusion.labels import LABEL_INDEX
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def ranked_evaluator(tmp_path) -> Path:
+    """An official-format checkpoint whose outputs ignore the image and rank the classes by index
+    (fc weights zero, bias decreasing), so its score on any condition list is known in advance."""
+    model = build_evaluator()
+    with torch.no_grad():
+        model.fc[0].weight.zero_()
+        model.fc[0].bias.copy_(-torch.arange(24, dtype=torch.float32) / 4)
+    path = tmp_path / "ranked" / "checkpoint.pth"
+    path.parent.mkdir()
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def expected_ranked_accuracy(conditions: list[list[str]]) -> float:
+    """The ranked evaluator's top-k are classes 0..k-1: count the true ones by hand."""
+    hits = sum(sum(LABEL_INDEX[n] < len(c) for n in c) for c in conditions)
+    return hits / sum(len(c) for c in conditions)
+
+
+def write_condition_images(folder: Path, conditions: list[list[str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, labels in enumerate(conditions):
+        draw_scene(labels, size=(80, 60)).save(folder / f"{i}.png")  # 4:3 like the real data: resized
+    return folder
+
+
+def test_evaluate_images_scores_a_folder(tmp_path, ranked_evaluator):
+    conds = load_conditions("test")
+    images = write_condition_images(tmp_path / "imgs", conds)
+    out = tmp_path / "out"
+    args = ["evaluate", "--images", str(images), "--split", "test", "--evaluator", str(ranked_evaluator)]
+    result = runner.invoke(app, [*args, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    row = report["results"][0]
+    assert (row["split"], row["images"], row["labels"]) == ("test", 32, 72)
+    assert row["accuracy"] == pytest.approx(expected_ranked_accuracy(conds))
+    assert 0 < row["accuracy"] < 0.5
+    assert report["evaluator"]["kind"] == "given" and str(ranked_evaluator) in report["evaluator"]["name"]
+    # Per-class hit rates add up to the total, and the ranked evaluator always finds gray cube (index 0).
+    assert sum(v["hits"] for v in row["per_class"].values()) == round(row["accuracy"] * 72)
+    assert row["per_class"]["gray cube"]["rate"] == 1.0
+    assert (out / "test.png").is_file() and (out / "evaluation.json").is_file()
+
+    table = runner.invoke(app, [*args, "--out", str(out)])
+    assert table.exit_code == 0, table.output
+    assert f"{row['accuracy']:.2%}" in table.stdout and "evaluator: checkpoint" in table.stdout
+
+
+def test_evaluate_images_missing_file_names_it(tmp_path, ranked_evaluator):
+    conds = load_conditions("new_test")
+    images = write_condition_images(tmp_path / "imgs", conds)
+    (images / "5.png").unlink()
+    (images / "9.png").unlink()
+    result = runner.invoke(
+        app, ["evaluate", "--images", str(images), "--split", "new_test", "--evaluator", str(ranked_evaluator)]
+    )
+    assert result.exit_code == 1
+    assert "5.png is missing" in result.output and "9.png" not in result.output
+
+
+def test_evaluate_rejects_a_bad_checkpoint(tmp_path):
+    images = write_condition_images(tmp_path / "imgs", load_conditions("test"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"weights": {}}, bad)
+    result = runner.invoke(app, ["evaluate", "--images", str(images), "--split", "test", "--evaluator", str(bad)])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "no 'model' key" in result.output
+
+
+def _tiny_run(runs: Path) -> Path:
+    """A run folder with a real (tiny, untrained) exported model and a run config that sets the sampler."""
+    from iclevr_diffusion.config import Config
+    from iclevr_diffusion.model import ConditionalUNet
+    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.schedule import make_train_scheduler
+
+    cfg = Config()
+    cfg.schedule.num_train_timesteps = 50
+    cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "ddim", 2, 1.5
+    torch.manual_seed(0)
+    unet = ConditionalUNet(
+        sample_size=8, block_out_channels=(8, 16), attention=(False, False), layers_per_block=1,
+        norm_num_groups=4, mid_attention=False,
+    )
+    folder = runs / "tiny" / "model"
+    ConditionalDDPMPipeline(unet=unet, scheduler=make_train_scheduler(cfg.schedule)).save_pretrained(folder)
+    (folder / "run_config.yaml").write_text(cfg.to_yaml())
+    return runs / "tiny"
+
+
+def test_evaluate_model_samples_with_the_run_config_and_seeds(tmp_path, ranked_evaluator):
+    run = _tiny_run(tmp_path / "runs")
+    args = ["evaluate", "--runs-dir", str(tmp_path / "runs"), "--evaluator", str(ranked_evaluator), "--json", "-q"]
+    result = runner.invoke(app, [*args, "--split", "new_test", "--seeds", "2", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert (row["sampler"], row["steps"], row["guidance_scale"]) == ("ddim", 2, 1.5)  # from run_config.yaml
+    assert row["seeds"] == [0, 1] and len(row["accuracies"]) == 2 and row["accuracy_std"] == 0.0
+    assert row["accuracy"] == pytest.approx(expected_ranked_accuracy(load_conditions("new_test")))
+    assert (run / "eval" / "new_test_seed0.png").is_file() and (run / "eval" / "new_test_seed1.png").is_file()
+
+    # No --split: both packaged splits; flags override the run config.
+    result = runner.invoke(app, [*args, "--sampler", "ddpm", "--steps", "1", "-g", "1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [r["split"] for r in rows] == ["test", "new_test"]
+    assert (rows[0]["sampler"], rows[0]["steps"], rows[0]["guidance_scale"]) == ("ddpm", 1, 1.0)
+
+
+def test_train_evaluator_writes_the_official_format_and_evaluate_finds_it(tmp_path):
+    entries = {}
+    for s, labels in enumerate([["red cube", "cyan sphere", "yellow cylinder"], ["gray sphere", "blue cube"]]):
+        for j in range(len(labels)):
+            entries[f"CLEVR_train_{s:06d}_{j}.png"] = labels[: j + 1]
+    root = write_dataset(tmp_path / "data", entries)
+    args = ["train-evaluator", "--data", str(root), "--epochs", "1", "--batch-size", "4", "--json", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.stdout)
+    ckpt = root / "evaluator" / "checkpoint.pth"
+    assert card["checkpoint"] == str(ckpt) and card["epochs"] == 1
+    assert card["images"] + card["heldout_images"] == len(entries)
+    assert 0.0 <= card["heldout_accuracy"] <= 1.0 and card["dataset"] == "data"
+    assert set(torch.load(ckpt, weights_only=True)) == {"model"}
+    load_evaluator(ckpt)  # loads as an official-format checkpoint
+
+    # Cached: a second call does not retrain.
+    again = runner.invoke(app, ["train-evaluator", "--data", str(root), "--json", "-q"])
+    assert json.loads(again.stdout)["date"] == card["date"]
+
+    # evaluate --data ROOT finds ROOT/evaluator/checkpoint.pth and says it is our own.
+    images = write_condition_images(tmp_path / "imgs", load_conditions("test"))
+    result = runner.invoke(app, ["evaluate", "--images", str(images), "--split", "test", "--data", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["evaluator"]["kind"] == "own"
+    assert report["evaluator"]["name"].startswith("own ResNet18 trained on data")
+
+
+def test_evaluate_without_any_evaluator_for_user_data(tmp_path):
+    root = write_dataset(tmp_path / "data", {"CLEVR_train_000000_0.png": ["red cube"]})
+    images = write_condition_images(tmp_path / "imgs", load_conditions("test"))
+    result = runner.invoke(app, ["evaluate", "--images", str(images), "--split", "test", "--data", str(root)])
+    assert result.exit_code == 1
+    assert "No evaluator for" in result.output and "train-evaluator --data" in result.output
+
+
+def test_evaluate_images_both_splits_from_subfolders(tmp_path, ranked_evaluator):
+    images = tmp_path / "imgs"
+    for split in ("test", "new_test"):
+        write_condition_images(images / split, load_conditions(split))
+    result = runner.invoke(app, ["evaluate", "--images", str(images), "--evaluator", str(ranked_evaluator), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [(r["split"], r["images"], r["labels"]) for r in rows] == [("test", 32, 72), ("new_test", 32, 84)]
+    assert rows[1]["accuracy"] == pytest.approx(expected_ranked_accuracy(load_conditions("new_test")))
+    assert (images / "test.png").is_file() and (images / "new_test.png").is_file()
