@@ -100,8 +100,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="64")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; finishes in seconds")
     parser.add_argument("--contact-sheet", action="store_true", help="redraw docs/contact_sheet.png/.json")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "render_speed.json")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+    args.out = args.out or HERE / "results" / ("render_speed_smoke.json" if args.smoke else "render_speed.json")
 
     if args.contact_sheet:
         contact_sheet(REPO / "docs" / "contact_sheet.png", REPO / "docs" / "contact_sheet.json")
@@ -117,10 +118,9 @@ def main(argv=None) -> int:
     print(f"{'what':<52} {'images':>7} {'seconds':>8} {'images/s':>9}")
     for r in rows:
         print(f"{r['what']:<52} {r['images']:>7} {r['seconds']:>8.2f} {r['images_per_s']:>9.1f}")
-    if not args.smoke:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
-        print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
     return 0
 
 
