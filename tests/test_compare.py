@@ -7,8 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from iclevr_diffusion.cli import app
-from iclevr_diffusion.experiments import FIXED_LEVELS, FixedLevelProbe, parse_schedules, parse_timesteps
 from iclevr_diffusion.errors import IclevrError
+from iclevr_diffusion.experiments import FIXED_LEVELS, FixedLevelProbe, parse_schedules, parse_timesteps
 
 TINY = [
     "data.image_size=16", "model.block_out_channels=[8, 16]", "model.attention=[false, true]",
