@@ -186,13 +186,23 @@ def summarize_run(
     ddpm = _sampling_seconds(pipe, "ddpm", T, timing_images, cfg.seed) if timing_images else None
     return RunResult(
         T=T, schedule=cfg.schedule.beta_schedule, run=run_dir.name,
-        steps=rows[-1]["step"] if rows else 0,
+        steps=_steps_done(run_dir, rows),
         train_minutes=round(rows[-1].get("elapsed_s", 0.0) / 60, 2) if rows else 0.0,
         final_loss=_tail_mean(losses), fixed_level_loss=fixed[-1] if fixed else None,
         alpha_bar_T=bar, snr_T=bar / (1 - bar),
         accuracy_test=acc["test"], accuracy_new_test=acc["new_test"], evaluator=evaluator_name,
         fast_sampler=f"{s.sampler}-{s.steps}", fast_s_per_image=fast, ddpm_s_per_image=ddpm,
     )
+
+
+def _steps_done(run_dir: Path, rows: list[dict]) -> int:
+    """Optimizer steps of a finished run (DONE.json), else the last logged one."""
+    import json
+
+    try:
+        return int(json.loads((run_dir / DONE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return rows[-1]["step"] if rows else 0
 
 
 def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
@@ -211,7 +221,7 @@ def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
         steps = [r["step"] for r in rows]
         minutes = [r.get("elapsed_s", 0) / 60 for r in rows]
         loss = [r["loss"] for r in rows]
-        smooth = _ema(loss, 0.9)
+        smooth = _rolling_mean(loss)
         for ax, x in ((axes[0], steps), (axes[1], minutes)):
             ax.plot(x, loss, color=color, alpha=0.25, lw=0.8)
             ax.plot(x, smooth, color=color, lw=1.8, label=name)
@@ -235,12 +245,11 @@ def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
     plt.close(fig)
 
 
-def _ema(values: list[float], beta: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else beta * acc + (1 - beta) * v
-        out.append(acc)
-    return out
+def _rolling_mean(values: list[float]) -> list[float]:
+    """Centred moving average over ~1/10 of the points: smooths without the lag of an EMA."""
+    half = len(values) // 20
+    return [sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+            for i in range(len(values))]
 
 
 def write_results(results: list[RunResult], out: Path) -> list[dict[str, Any]]:
