@@ -1,4 +1,4 @@
-"""Figures a user looks at: the learning curve (loss.png) and image grids (8 per row).
+"""The learning curve (loss.png) from metrics.jsonl; image grids live in images.py.
 
 matplotlib runs on the Agg backend (no display needed); every file is written atomically.
 """
@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from iclevr_diffusion.io import atomic_path, save_image
+from iclevr_diffusion.io import atomic_path
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -55,18 +53,3 @@ def plot_loss(metrics: Path, out: Path, title: str | None = None) -> bool:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return True
-
-
-def to_grid(images: torch.Tensor, nrow: int = 8):
-    """(N, 3, H, W) images in [-1, 1] -> one PIL image, `nrow` per row (torchvision make_grid)."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> Path:
-    save_image(to_grid(images, nrow), path)
-    return Path(path)

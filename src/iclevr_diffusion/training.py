@@ -222,7 +222,8 @@ def train(
 
     def sample_grid() -> None:
         if main:
-            from iclevr_diffusion.report import plot_loss, save_grid
+            from iclevr_diffusion.images import save_grid
+            from iclevr_diffusion.report import plot_loss
 
             start = time.perf_counter()
             with ema_weights(unwrapped, ema):
