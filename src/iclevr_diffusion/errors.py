@@ -8,9 +8,3 @@ a label) and how to fix it; the CLI prints it as `error: <message>` and exits wi
 class IclevrError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
-
-class NotImplementedYet(IclevrError):
-    """A subcommand whose capability has not been built yet (it must not pretend to work)."""
-
-    def __init__(self, what: str):
-        super().__init__(f"'{what}' is not implemented yet in this version of iclevr-diffusion.")

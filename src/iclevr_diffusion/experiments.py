@@ -169,12 +169,11 @@ def summarize_run(
 ) -> RunResult:
     """Loss, accuracy and sampling time of one finished run."""
     from iclevr_diffusion.sampling import load_pipeline
-    from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     fixed = [r["fixed_level_loss"] for r in rows if "fixed_level_loss" in r]
-    bar = final_alpha_bar(make_train_scheduler(cfg.schedule))
+    bar = final_alpha_bar_of(cfg)
     pipe, run_cfg, _ = load_pipeline(run_dir, device=cfg.device)
     s = run_cfg.sample
     acc: dict[str, float | None] = {"test": None, "new_test": None}
