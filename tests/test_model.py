@@ -107,3 +107,19 @@ def test_dataclass_defaults_equal_the_default_preset():
     defaults, preset = Config().to_dict(), load_config("default").to_dict()
     for section in ("data", "model", "schedule", "train", "sample"):
         assert defaults[section] == preset[section], section
+
+
+def test_patch_size_runs_the_unet_at_a_lower_resolution():
+    # patch 2: a 16x16 image goes through the UNet as 8x8 with 12 channels and comes back 16x16.
+    model = ConditionalUNet(sample_size=16, block_out_channels=(8, 16), attention=(False, True),
+                            layers_per_block=1, attention_head_dim=8, norm_num_groups=4, patch_size=2)
+    assert model.unet.config.sample_size == 8 and model.unet.config.in_channels == 12
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x, torch.tensor([3, 7]), torch.zeros(2, 24))
+    assert out.shape == x.shape
+    # Each output pixel depends on the whole image (the UNet is not per-patch): perturb one corner.
+    y = x.clone()
+    y[..., 0, 0] += 1
+    assert not torch.allclose(model(y, torch.tensor([3, 7]), torch.zeros(2, 24))[..., 15, 15], out[..., 15, 15])
+    with pytest.raises(ValueError, match="patch_size"):
+        ConditionalUNet(sample_size=15, patch_size=2)

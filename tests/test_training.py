@@ -211,3 +211,21 @@ def test_evaluation_during_training_keeps_best(tmp_path):
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
     assert best["mean"] == max(r["mean"] for r in rows)
     assert (tmp_path / "run" / "best" / "model_index.json").is_file() and result.step == 2
+
+
+def test_snapshots_export_the_ema_model_once_per_mark(data_root, tmp_path):
+    # Marks of a few milliseconds are passed after the first step; a resumed run does not redo them.
+    cfg = tiny_cfg(data_root, "train.max_steps=2", "train.snapshot_minutes=[0.00001, 0.00002, 600]")
+    run = tmp_path / "run"
+    train(cfg, run)
+    snaps = run / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["1e-05min", "2e-05min"]
+    first = (snaps / "1e-05min" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    train(tiny_cfg(data_root, "train.max_steps=3", "train.snapshot_minutes=[0.00001, 0.00002, 600]"), run)
+    assert (snaps / "1e-05min" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == first
+    from iclevr_diffusion.sampling import load_pipeline
+
+    pipe, loaded, folder = load_pipeline(snaps / "1e-05min", device="cpu")
+    assert folder == snaps / "1e-05min" and loaded.train.snapshot_minutes == [1e-05, 2e-05, 600.0]
+    with pytest.raises(IclevrError, match="snapshot_minutes"):
+        tiny_cfg(data_root, "train.snapshot_minutes=[0]")

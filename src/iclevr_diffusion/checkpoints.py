@@ -16,6 +16,7 @@ is used, with a warning.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -75,20 +76,37 @@ def finish(
     keep: int,
 ) -> Path:
     """Write the main process's files into `tmp`, rename it to step_XXXXXX and prune to the last `keep`."""
-    _save_tensors(model_state, tmp / "model.safetensors")
-    _save_tensors({str(i): p for i, p in enumerate(ema_params)}, tmp / "ema.safetensors")
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
     final = tmp.parent / step_dir_name(step)
+    try:
+        _save_tensors(model_state, tmp / "model.safetensors")
+        _save_tensors({str(i): p for i, p in enumerate(ema_params)}, tmp / "ema.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:  # a full disk is an OSError here, a RuntimeError from torch.save, a SafetensorError
+        raise _write_failed(tmp, final, e) from None
     if final.exists():  # the same step written again (e.g. interrupt right after a scheduled save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune(tmp.parent, keep)
     return final
+
+
+def _write_failed(tmp: Path, final: Path, e: Exception) -> IclevrError:
+    """Drop the half-written temp folder (the older checkpoints stay) and say why in one line."""
+    try:
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(tmp.parent).free < 2**20
+    except OSError:
+        full = False
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = "No space left on device" if full else (getattr(e, "strerror", None) or str(e).strip().splitlines()[0])
+    return IclevrError(
+        f"Cannot write checkpoint {final}: {reason}. The older checkpoints are kept; free some space "
+        "and run the same command again to resume."
+    )
 
 
 def prune(root: Path, keep: int) -> None:

@@ -50,6 +50,16 @@ def friendly_errors(command):
                 raise
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as e:
+            # Disk full, read-only or permission problems met where no IclevrError explains them yet
+            # (e.g. a run folder whose parent is a file): still one line, not a traceback.
+            if os.environ.get("ICLEVR_DEBUG"):
+                raise
+            what = f" {e.filename}" if e.filename else ""
+            reason = " ".join(str(e.strerror or e).split())
+            typer.echo(f"error: Cannot write or read{what}: {reason}. Check free space and permissions, "
+                       "or choose another folder.", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

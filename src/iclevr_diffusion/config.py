@@ -42,6 +42,7 @@ class ModelConfig:
     norm_num_groups: int = 32  # GroupNorm groups (must divide every channel count)
     dropout: float = 0.0  # dropout inside the resnet blocks
     mid_attention: bool = True  # self-attention in the middle block
+    patch_size: int = 1  # fold p x p pixel patches into channels: the UNet runs at image_size / p
     num_classes: int = 24  # length of the multi-hot label vector
 
 
@@ -73,6 +74,8 @@ class TrainConfig:
     sample_every: int = 400  # steps between sample grids (0 = only at the end)
     checkpoint_every: int = 250  # steps between training-state checkpoints
     keep_checkpoints: int = 3  # how many checkpoints to keep
+    # Export the EMA model to snapshots/<M>min/ when the run's clock passes each of these minutes.
+    snapshot_minutes: list[float] = field(default_factory=list)
     eval_every: int = 0  # steps between evaluations on test/new_test (0 = off)
     channels_last: bool = False
     nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
@@ -301,10 +304,14 @@ def validate(cfg: Config) -> Config:
             f"model.norm_num_groups={m.norm_num_groups} does not divide channel count(s) {bad}; "
             "change model.norm_num_groups or model.block_out_channels."
         )
-    if cfg.data.image_size % (2 ** (len(m.block_out_channels) - 1)):
+    if m.patch_size <= 0:
+        raise IclevrError(f"Config key 'model.patch_size' must be positive, got {m.patch_size}.")
+    divisor = m.patch_size * 2 ** (len(m.block_out_channels) - 1)
+    if cfg.data.image_size % divisor:
         raise IclevrError(
-            f"data.image_size={cfg.data.image_size} must be divisible by "
-            f"{2 ** (len(m.block_out_channels) - 1)} for {len(m.block_out_channels)} UNet levels."
+            f"data.image_size={cfg.data.image_size} must be divisible by {divisor} "
+            f"(model.patch_size {m.patch_size} x 2^{len(m.block_out_channels) - 1} for "
+            f"{len(m.block_out_channels)} UNet levels)."
         )
     positive = {
         "train.batch_size": cfg.train.batch_size,
@@ -318,6 +325,8 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise IclevrError(f"Config key '{key}' must be positive, got {value}.")
+    if any(m <= 0 for m in cfg.train.snapshot_minutes):
+        raise IclevrError(f"train.snapshot_minutes must be positive minutes, got {cfg.train.snapshot_minutes}.")
     if not 0.0 <= cfg.train.label_dropout < 1.0:
         raise IclevrError(f"train.label_dropout must be in [0, 1), got {cfg.train.label_dropout}.")
     for split in cfg.eval.splits:

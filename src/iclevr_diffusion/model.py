@@ -4,11 +4,17 @@ UNet2DModel's own class embeddings take one class index; i-CLEVR scenes hold up 
 a Linear(24 -> time_embed_dim) projects the multi-hot vector and the UNet adds it to the time
 embedding (`class_embed_type="identity"`). The all-zero vector is the null label used for
 classifier-free guidance: real scenes always hold at least one object, so it means "unconditioned".
+
+`patch_size` p > 1 folds each p x p pixel patch into channels (`pixel_unshuffle`) before the UNet and
+unfolds the prediction after it: a 64x64 image runs through the UNet as 32x32x12, which on a CPU is
+about 2x faster per image while the model still draws (and the evaluator still sees) 64x64 pixels.
+Training at 32x32 and upscaling is not the same: blurred upscales cost the evaluator 20 points.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models import UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
@@ -32,16 +38,19 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         dropout: float = 0.0,
         mid_attention: bool = True,
+        patch_size: int = 1,
     ):
         super().__init__()
         if len(attention) != len(block_out_channels):
             raise ValueError("attention needs one flag per entry of block_out_channels")
+        if patch_size < 1 or sample_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must be a positive divisor of sample_size {sample_size}")
         down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
         up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
         self.unet = UNet2DModel(
-            sample_size=sample_size,
-            in_channels=3,
-            out_channels=3,
+            sample_size=sample_size // patch_size,
+            in_channels=3 * patch_size**2,
+            out_channels=3 * patch_size**2,
             block_out_channels=tuple(block_out_channels),
             down_block_types=tuple(down),
             up_block_types=tuple(up),
@@ -68,11 +77,16 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             norm_num_groups=m.norm_num_groups,
             dropout=m.dropout,
             mid_attention=m.mid_attention,
+            patch_size=m.patch_size,
         )
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
         emb = self.label_proj(labels.to(self.label_proj.weight.dtype))
-        return self.unet(sample, timestep, class_labels=emb).sample
+        p = self.config.patch_size
+        if p == 1:
+            return self.unet(sample, timestep, class_labels=emb).sample
+        out = self.unet(F.pixel_unshuffle(sample, p), timestep, class_labels=emb).sample
+        return F.pixel_shuffle(out, p)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,6 +25,7 @@ class RunFiles:
         self.run_dir = run_dir
         self.checkpoints = run_dir / ckpt.CHECKPOINTS
         self.samples = run_dir / "samples"
+        self.snapshots = run_dir / "snapshots"  # EMA exports at train.snapshot_minutes
         self.metrics = run_dir / "metrics.jsonl"
 
     def start(self, cfg: Config, step: int) -> None:
@@ -95,6 +96,7 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
     from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
 
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp"
     old = out.parent / f".{out.name}.old"
     for p in (tmp, old):

@@ -64,12 +64,33 @@ def load_pipeline(
     except Exception as e:  # diffusers raises many types for a broken or foreign folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IclevrError(f"Cannot load the model in {folder}: {first}") from None
+    check_model(pipe, folder)
     cfg = Config()
     if (folder / RUN_CONFIG).is_file():
         cfg = config_from_dict(read_config_yaml(folder / RUN_CONFIG))
     pipe.to(target)
     pipe.unet.eval()
     return pipe, cfg, folder
+
+
+def check_model(pipe: ConditionalDDPMPipeline, folder: Path) -> None:
+    """A diffusers folder of another model (a plain UNet2DModel, another label count) loads without
+    complaint but fails at the first forward pass: refuse it here, naming what it holds."""
+    from iclevr_diffusion.labels import NUM_CLASSES
+    from iclevr_diffusion.model import ConditionalUNet
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, ConditionalUNet):
+        kind = type(unet).__name__ if unet is not None else "no unet"
+        raise IclevrError(
+            f"The model in {folder} is a {kind}, not this toolkit's ConditionalUNet; give a folder written "
+            "by 'iclevr-diff train' (RUN or RUN/model)."
+        )
+    if unet.config.num_classes != NUM_CLASSES:
+        raise IclevrError(
+            f"The model in {folder} takes {unet.config.num_classes} labels, but i-CLEVR has {NUM_CLASSES} "
+            "(see 'iclevr-diff labels'); it cannot draw these label names."
+        )
 
 
 def resolve_sampling(

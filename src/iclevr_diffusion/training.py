@@ -314,6 +314,9 @@ def train(
                     saved_step = step
                 if t_cfg.sample_every and step % t_cfg.sample_every == 0:
                     sample_grid()
+                for mark in _due_snapshots(t_cfg.snapshot_minutes, state["elapsed_s"], paths.snapshots) if main else ():
+                    export_model(unwrapped, ema, noise_sched, cfg, paths.snapshots / snapshot_name(mark))
+                    emit("note", message=f"snapshot {snapshot_name(mark)} at step {step}")
                 if t_cfg.eval_every and step % t_cfg.eval_every == 0:
                     root = getattr(data, "root", cfg.data.root)
                     evaluate_hook(unwrapped, ema, noise_sched, cfg, run_dir, step, emit, main, root)
@@ -381,6 +384,15 @@ def _stop_reason(
     if out_of_time or (budget_s and state["horizon"] and state["step"] >= state["horizon"]):
         return "max_minutes"
     return None
+
+
+def snapshot_name(minutes: float) -> str:
+    return f"{minutes:g}min"
+
+
+def _due_snapshots(marks: list[float], elapsed_s: float, folder: Path) -> list[float]:
+    """Marks passed by now and not exported yet (a resumed run does not redo them)."""
+    return [m for m in marks if m * 60 <= elapsed_s and not (folder / snapshot_name(m)).is_dir()]
 
 
 def _eta(state, budget_s, steps_done, seconds) -> float | None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,10 @@ def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, 
     from iclevr_diffusion.training import train
 
     run_dir = Path(runs_dir) / cfg.name
+    # Under torchrun / accelerate launch every process runs this; only rank 0 talks to the user, or
+    # each line and the summary table (with that rank's own loss) would appear once per process.
+    main = int(os.environ.get("RANK", "0")) == 0
+    quiet = quiet or not main
     params = count_parameters(ConditionalUNet.from_run_config(cfg))
     if not quiet:
         console.err.print(
@@ -68,6 +73,8 @@ def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, 
     with warnings.catch_warnings(), train_progress("train", quiet) as progress:
         warnings.filterwarnings("ignore", category=FutureWarning)
         result = train(cfg, run_dir, resume=resume, progress=progress)
+    if not main:
+        return
     samples = sorted((run_dir / "samples").glob("step_*.png"))
     rows = [
         ("run folder", str(run_dir)),

@@ -1,0 +1,153 @@
+"""GPU check: training throughput of the presets on CUDA and a short real training run of the full preset.
+
+    python benchmarks/gpu_check.py                   # on a CUDA machine: about 10 minutes
+    python benchmarks/gpu_check.py --minutes 20      # a longer full-preset run
+    python benchmarks/gpu_check.py --smoke           # CPU, tiny model: checks the script in seconds
+
+1. Throughput: full optimizer steps (forward, loss, backward, AdamW) on random 64x64 batches for the
+   seed preset (fp32, as the report trained; and bf16) and the default and full presets (bf16
+   autocast), timed with CUDA synchronisation after warm-up; also the largest peak memory.
+2. A short run: `train()` of the full preset on the built-in synthetic data (rendered on first use)
+   for --minutes, then `evaluate`-style accuracy of its EMA model on test and new_test with the
+   toolkit's evaluator (trained on first use), one seed, the preset's sampler and guidance.
+Writes benchmarks/results/gpu_check.json with the GPU's name; exits with a one-line error when no
+CUDA device is present (except with --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+from machine_info import machine
+
+from iclevr_diffusion.config import Config, load_config
+from iclevr_diffusion.io import write_json
+from iclevr_diffusion.losses import diffusion_loss
+from iclevr_diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.schedule import make_train_scheduler
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TINY = ["model.block_out_channels=[8, 16]", "model.attention=[false, true]", "model.norm_num_groups=4",
+        "model.attention_head_dim=8", "data.image_size=16", "model.layers_per_block=1"]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def throughput(cfg: Config, bf16: bool, batch: int, steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model = ConditionalUNet.from_run_config(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched = make_train_scheduler(cfg.schedule)
+    size = cfg.data.image_size
+    x = torch.randn(batch, 3, size, size, device=device).clamp(-1, 1)
+    labels = (torch.rand(batch, 24, device=device) < 0.08).float()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion_loss(model, sched, x, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: cuDNN autotuning, allocator, lazy init
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"params": count_parameters(model), "batch": batch, "bf16": bf16,
+            "images_per_s": steps * batch / seconds, "peak_memory_gib": peak}
+
+
+def short_run(args, device: torch.device) -> dict:
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.evaluation import score_images
+    from iclevr_diffusion.labels import multi_hot_batch
+    from iclevr_diffusion.sampling import generate, load_pipeline
+    from iclevr_diffusion.training import train
+
+    sets = [f"train.max_minutes={args.minutes}", "train.max_steps=null", "train.eval_every=0",
+            "train.sample_every=0", "train.checkpoint_every=0", f"device={device}"]
+    if args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_data import TINY_MODEL, make_tiny_dataset
+
+        sets = [*TINY_MODEL, f"data.root={make_tiny_dataset(args.run.parent / 'smoke-data', n=16)}", *sets]
+    cfg = load_config(args.config, sets)
+    result = train(cfg, args.run)
+    pipe, cfg, _ = load_pipeline(args.run, device=str(device))
+    if args.smoke:
+        from iclevr_diffusion.evaluation import build_evaluator
+
+        net, evaluator = build_evaluator().to(device).eval(), "random ResNet18 (smoke)"
+    else:
+        from iclevr_diffusion.workflows.evaluate import choose_evaluator
+
+        net, choice = choose_evaluator(None, None, device, False, cfg.data.synthetic_scenes)
+        net, evaluator = net.eval(), choice.name
+    accuracy = {}
+    start = time.perf_counter()
+    images = 0
+    for split in ("test", "new_test"):
+        conds = load_conditions(split=split)[: 4 if args.smoke else None]
+        imgs = generate(pipe, conds, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, 0, 64)
+        images += len(conds)
+        accuracy[split] = score_images(net, imgs.to(device), multi_hot_batch(conds).to(device)).accuracy
+    return {"config": args.config, "minutes": args.minutes, "steps": result.step, "images_per_s": result.images_per_s,
+            "mixed_precision": result.mixed_precision, "sampler": f"{cfg.sample.sampler}-{cfg.sample.steps}",
+            "guidance_scale": cfg.sample.guidance_scale, "evaluator": evaluator, "accuracy": accuracy,
+            "sampling_seconds_per_image": (time.perf_counter() - start) / images}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per throughput row")
+    p.add_argument("--config", default="full", help="preset trained in the short run")
+    p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the short run")
+    p.add_argument("--run", type=Path, default=Path("runs/gpu-check"))
+    p.add_argument("--no-run", action="store_true", help="throughput only")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, seconds")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.batch, args.steps, args.minutes = "cpu", 4, 2, 0.05
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no CUDA device here; run this on a GPU machine (or --smoke to check the script on CPU).")
+    out = args.out or RESULTS / f"gpu_check{'-smoke' if args.smoke else ''}.json"
+    presets = [("seed preset, fp32 (as the report)", "seed", False), ("seed preset, bf16", "seed", True),
+               ("default preset, bf16", "default", True), ("full preset, bf16", "full", True)]
+    rows = []
+    for name, preset, bf16 in presets:
+        cfg = load_config(preset, TINY if args.smoke else [])
+        row = {"name": name, **throughput(cfg, bf16, args.batch, args.steps, device)}
+        rows.append(row)
+        print(f"{name:36s} {row['params'] / 1e6:6.2f}M {row['images_per_s']:9.1f} img/s", flush=True)
+    run = None if args.no_run else short_run(args, device)
+    if run:
+        print(f"short run: {run}", flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result = {"benchmark": "gpu_check", "date": now,
+              "machine": machine(str(device)), "throughput": rows, "short_run": run, "smoke": args.smoke}
+    write_json(out, result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
