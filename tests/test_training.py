@@ -229,3 +229,35 @@ def test_snapshots_export_the_ema_model_once_per_mark(data_root, tmp_path):
     assert folder == snaps / "1e-05min" and loaded.train.snapshot_minutes == [1e-05, 2e-05, 600.0]
     with pytest.raises(IclevrError, match="snapshot_minutes"):
         tiny_cfg(data_root, "train.snapshot_minutes=[0]")
+
+
+def test_ctrl_c_right_after_an_optimizer_update_still_resumes_exactly(data_root, tmp_path):
+    # SIGINT lands just after AdamW's 4th update, before the loop counts step 4: the checkpoint must
+    # still hold weights and step that agree (the loop acts on Ctrl-C only at a step boundary).
+    import os
+    import signal
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    sets = ("train.max_steps=7",)
+    straight = train(tiny_cfg(data_root, *sets), tmp_path / "a")
+    updates = [0]
+
+    def ctrl_c_after_fourth(optimizer, args, kwargs):
+        updates[0] += 1
+        if updates[0] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(ctrl_c_after_fourth)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_cfg(data_root, *sets), tmp_path / "b")
+    finally:
+        handle.remove()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_000004"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    resumed = train(tiny_cfg(data_root, *sets), tmp_path / "b")
+    assert resumed.step == straight.step == 7
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -87,7 +87,7 @@ def finish(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     except Exception as e:  # a full disk is an OSError here, a RuntimeError from torch.save, a SafetensorError
-        raise _write_failed(tmp, final, e) from None
+        raise write_failed(tmp, final, e) from None
     if final.exists():  # the same step written again (e.g. interrupt right after a scheduled save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -95,8 +95,9 @@ def finish(
     return final
 
 
-def _write_failed(tmp: Path, final: Path, e: Exception) -> IclevrError:
-    """Drop the half-written temp folder (the older checkpoints stay) and say why in one line."""
+def write_failed(tmp: Path, final: Path, e: Exception, what: str = "checkpoint",
+                 kept: str = "The older checkpoints are kept") -> IclevrError:
+    """Drop the half-written temp folder (what was there before stays) and say why in one line."""
     try:
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(tmp.parent).free < 2**20
     except OSError:
@@ -104,9 +105,15 @@ def _write_failed(tmp: Path, final: Path, e: Exception) -> IclevrError:
     shutil.rmtree(tmp, ignore_errors=True)
     reason = "No space left on device" if full else (getattr(e, "strerror", None) or str(e).strip().splitlines()[0])
     return IclevrError(
-        f"Cannot write checkpoint {final}: {reason}. The older checkpoints are kept; free some space "
+        f"Cannot write {what} {final}: {reason}. {kept}; free some space "
         "and run the same command again to resume."
     )
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Temp folders of checkpoints a killed run never finished: never loaded, only taking space."""
+    for tmp in Path(root).glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -33,6 +33,7 @@ class RunFiles:
 
         for d in (self.run_dir, self.checkpoints, self.samples):
             d.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temps(self.checkpoints)
         write_text(self.run_dir / "config.yaml", cfg.to_yaml())
         self._truncate(step)
 
@@ -102,9 +103,12 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
     for p in (tmp, old):
         if p.exists():
             shutil.rmtree(p)
-    with ema_weights(model, ema):
-        ConditionalDDPMPipeline(unet=model, scheduler=noise_sched).save_pretrained(tmp)
-    (tmp / "run_config.yaml").write_text(cfg.to_yaml())
+    try:
+        with ema_weights(model, ema):
+            ConditionalDDPMPipeline(unet=model, scheduler=noise_sched).save_pretrained(tmp)
+        (tmp / "run_config.yaml").write_text(cfg.to_yaml())
+    except Exception as e:  # a full disk: OSError, or SafetensorError from safetensors
+        raise ckpt.write_failed(tmp, out, e, "the model export", "The previous export is kept") from None
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

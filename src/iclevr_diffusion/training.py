@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -250,6 +252,7 @@ def train(
     if stopped_by and source is not None:
         emit("note", message=f"the run already reached its {stopped_by} limit at step {state['step']}; "
                              "raise it (e.g. --max-steps, --max-minutes) to train on, or use a new --name")
+    sigint = _DeferredSigint()
     try:
         while stopped_by is None:
             feed = batches(data, order, state["epoch"], state["batch"], rank, world, cfg.data.num_workers)
@@ -275,7 +278,8 @@ def train(
                         accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                window_loss += loss.item()
+                # Several processes: log the loss of the whole global batch, not rank 0's share of it.
+                window_loss += (accelerator.reduce(loss.detach(), "mean") if world > 1 else loss).item()
                 window_n += 1
                 window_images += images.shape[0] * world
                 if not accelerator.sync_gradients:
@@ -324,7 +328,10 @@ def train(
                 window_t += time.perf_counter() - busy
                 if interrupt_after is not None and step >= interrupt_after:
                     raise KeyboardInterrupt
-                stopped_by = _agree_stop(accelerator, _stop_reason(state, cfg, steps_per_epoch, budget_s, grid_s[0]))
+                reason = "interrupted" if sigint.hit else _stop_reason(state, cfg, steps_per_epoch, budget_s, grid_s[0])
+                stopped_by = _agree_stop(accelerator, reason)  # every process stops after the same step
+                if stopped_by == "interrupted":
+                    raise KeyboardInterrupt
                 if stopped_by is not None:
                     break
             else:  # the epoch ran out
@@ -336,6 +343,8 @@ def train(
             emit("note", message="interrupted: saving a checkpoint")
             save_all("interrupted")
         raise
+    finally:
+        sigint.restore()
     if state["step"] != saved_step:
         save_all("end")
     elif main:
@@ -437,7 +446,33 @@ def _agree(accelerator, value: int) -> int:
     return int(broadcast(torch.tensor([value], device=accelerator.device)).item())
 
 
-_REASONS = [None, "max_steps", "epochs", "max_minutes"]
+_REASONS = [None, "max_steps", "epochs", "max_minutes", "interrupted"]
+
+
+class _DeferredSigint:
+    """Ctrl-C during the loop sets a flag that is acted on after a whole optimizer step.
+
+    A KeyboardInterrupt raised between opt.step() and the step counter would save weights one update
+    ahead of the step the checkpoint records, and under several processes each would stop at a
+    different step; checked at the step boundary (and agreed between processes) neither can happen.
+    A second Ctrl-C stops at once. Outside the main thread signals cannot be caught: nothing changes.
+    """
+
+    def __init__(self):
+        self.hit = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _agree_stop(accelerator, reason: str | None) -> str | None:
