@@ -53,11 +53,13 @@ def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
         ("default preset (bf16)", preset("default"), True, False),
         ("default preset (fp32)", preset("default"), False, False),
         ("default + channels_last (bf16)", preset("default"), True, True),
-        ("cand A: default with 2 layers per block", preset("default", *a3, "model.layers_per_block=2"), True, False),
-        ("cand A1m: default, middle attention only", preset("default", "model.attention=[false, false, false]"),
+        ("default without patching (patch_size 1, bf16)", preset("default", "model.patch_size=1"), True, False),
+        ("previous default: 64/128/128, attn 16+mid, no patching (bf16)",
+         preset("default", *a3, "model.patch_size=1"), True, False),
+        ("64/128/128 with patch_size 2 (bf16)", preset("default", *a3), True, False),
+        ("default with 2 layers per block", preset("default", "model.layers_per_block=2"), True, False),
+        ("default, middle attention only", preset("default", "model.attention=[false, false, false]"),
          True, False),
-        ("cand B 32-64-128, 2 layers, attn 16+mid", preset("default", "model.block_out_channels=[32, 64, 128]",
-                                                          "model.layers_per_block=2"), True, False),
         ("full preset (bf16)", preset("full"), True, False),
     ]
     return rows

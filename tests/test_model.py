@@ -41,10 +41,11 @@ def test_seed_preset_is_the_reports_model():
 
 def test_every_architecture_knob_reaches_the_unet():
     cfg = load_config("default", [*TINY_MODEL, "model.dropout=0.2", "model.mid_attention=false",
-                                  "model.layers_per_block=3", "model.attention_head_dim=4"])
+                                  "model.layers_per_block=3", "model.attention_head_dim=4", "model.patch_size=2"])
     unet = ConditionalUNet.from_run_config(cfg).unet
     c = unet.config
-    assert c.sample_size == 16 and list(c.block_out_channels) == [8, 16] and c.layers_per_block == 3
+    assert c.sample_size == 8 and c.in_channels == c.out_channels == 12  # 16x16 images in 2x2 patches
+    assert list(c.block_out_channels) == [8, 16] and c.layers_per_block == 3
     assert c.norm_num_groups == 4 and c.dropout == 0.2 and c.add_attention is False and c.attention_head_dim == 4
     assert list(c.down_block_types) == ["DownBlock2D", "AttnDownBlock2D"]
     assert list(c.up_block_types) == ["AttnUpBlock2D", "UpBlock2D"]

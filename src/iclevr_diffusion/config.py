@@ -35,14 +35,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])  # channels per level
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # channels per level
     attention: list[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
     layers_per_block: int = 1  # resnet blocks per level
     attention_head_dim: int = 32  # channels per attention head
     norm_num_groups: int = 32  # GroupNorm groups (must divide every channel count)
     dropout: float = 0.0  # dropout inside the resnet blocks
     mid_attention: bool = True  # self-attention in the middle block
-    patch_size: int = 1  # fold p x p pixel patches into channels: the UNet runs at image_size / p
+    patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
     num_classes: int = 24  # length of the multi-hot label vector
 
 
@@ -58,7 +58,7 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # images per optimizer step (across all processes)
-    lr: float = 0.0002  # peak AdamW learning rate
+    lr: float = 0.001  # peak AdamW learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up before the cosine decay
     max_steps: int | None = None  # stop after this many optimizer steps ...
@@ -69,7 +69,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; the EMA model is what gets exported
     mixed_precision: str = "auto"  # auto (CPU: bf16 if timed faster; CUDA: bf16, else fp16) | no | bf16 | fp16
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
-    min_snr_gamma: float | None = None  # min-SNR loss weighting (5 is the paper's value); None = off
+    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (5 is the paper's value); None = off
     log_every: int = 25  # steps between metrics.jsonl lines
     sample_every: int = 400  # steps between sample grids (0 = only at the end)
     checkpoint_every: int = 250  # steps between training-state checkpoints
@@ -83,9 +83,9 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "dpm++"  # ddpm | ddim | dpm++ | unipc
+    sampler: str = "ddim"  # ddpm | ddim | dpm++ | unipc
     steps: int = 25  # solver steps (ddpm uses T unless given)
-    guidance_scale: float = 2.0  # classifier-free guidance w (1 = off)
+    guidance_scale: float = 3.0  # classifier-free guidance w (1 = off)
     batch_size: int = 32
 
 
