@@ -61,16 +61,21 @@ def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
         ("default, middle attention only", preset("default", "model.attention=[false, false, false]"),
          True, False),
         ("full preset (bf16)", preset("full"), True, False),
+        (COMPILED, preset("default"), True, False),
     ]
     return rows
+
+
+COMPILED = "default + torch.compile (bf16)"  # the one row whose model goes through torch.compile
 
 
 class Bench:
     """One variant's model, optimizer and fixed random batch; `run(seconds)` returns images/s."""
 
-    def __init__(self, cfg: Config, bf16: bool, channels_last: bool, batch: int):
+    def __init__(self, cfg: Config, bf16: bool, channels_last: bool, batch: int, compiled: bool = False):
         torch.manual_seed(0)
         self.model = ConditionalUNet.from_run_config(cfg)
+        self.forward = torch.compile(self.model) if compiled else self.model
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -87,7 +92,7 @@ class Bench:
     def step(self) -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
         with ctx:
-            loss = diffusion_loss(self.model, self.sched, self.x, self.labels, generator=self.gen)
+            loss = diffusion_loss(self.forward, self.sched, self.x, self.labels, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -118,9 +123,19 @@ def main() -> None:
     seconds, rounds, batch = (0.5, 2, 4) if args.smoke else (args.seconds, args.rounds, args.batch)
     picks = [s.strip() for s in args.only.split(",") if s.strip()]
     chosen = [v for v in variants(args.smoke) if not picks or any(p in v[0] for p in picks)]
-    benches = [Bench(cfg, bf16, cl, batch) for _, cfg, bf16, cl in chosen]
-    for b in benches:  # warm-up: allocator, autocast caches, lazy init
-        b.step()
+    benches = [Bench(cfg, bf16, cl, batch, name == COMPILED) for name, cfg, bf16, cl in chosen]
+    failed = {}
+    for (name, *_), b in zip(chosen, benches):  # warm-up: allocator, autocast caches, lazy init, compilation
+        started = time.perf_counter()
+        try:
+            b.step()
+            b.step()
+        except Exception as e:  # torch.compile needs a working C++ toolchain; record why it could not run
+            failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if name == COMPILED:
+            print(f"{name}: warm-up (compilation) {time.perf_counter() - started:.0f} s", flush=True)
+    keep = [i for i, (name, *_) in enumerate(chosen) if name not in failed]
+    chosen, benches = [chosen[i] for i in keep], [benches[i] for i in keep]
     speeds = [[] for _ in chosen]
     for r in range(rounds):
         for i, b in enumerate(benches):
@@ -140,7 +155,9 @@ def main() -> None:
     result = {"machine": machine(), "batch_size": batch, "image_size": 16 if args.smoke else 64,
               "seconds_per_variant_per_round": seconds, "rounds": rounds, "smoke": args.smoke,
               "method": "interleaved rounds in one process, best round per variant; full optimizer steps",
-              "rows": rows}
+              "rows": rows, "failed": failed}
+    for name, why in failed.items():
+        print(f"{name}: could not run ({why})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -6,8 +6,8 @@ UNet and a scheduler itself; `save_pretrained` / `from_pretrained` give the usua
 
     from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
     pipe = ConditionalDDPMPipeline.from_pretrained("runs/default/model")
-    images = pipe(["red sphere,cyan cube", "gray cube"], num_inference_steps=25, guidance_scale=2.0,
-                  sampler="dpm++", generator=torch.Generator().manual_seed(0), output_type="pil")
+    images = pipe(["red sphere,cyan cube", "gray cube"], num_inference_steps=25, guidance_scale=3.0,
+                  sampler="ddim", generator=torch.Generator().manual_seed(0), output_type="pil")
 """
 
 from __future__ import annotations
