@@ -72,11 +72,22 @@ def speed(batch: int, steps: int, rounds: int) -> list[dict]:
 
 
 def rescore(root: Path, checkpoint: Path) -> dict:
-    """Load the saved checkpoint as the official loader would and score the held-out images again."""
+    """Load the saved checkpoint as the official loader would and score the held-out images again.
+
+    Also at lower resolutions (downscaled with antialiasing, upscaled back by the evaluator's own
+    resize): what a generator that works at 48x48 or 32x32 and upscales could score at best.
+    """
     _, pics, targets = load_labelled(root, HELDOUT_FILE)
+    net = load_evaluator(checkpoint)
+    images = pics.float() / 127.5 - 1
     start = time.perf_counter()
-    score = score_images(load_evaluator(checkpoint), pics.float() / 127.5 - 1, targets)
-    return {**score.to_dict(), "score_seconds": round(time.perf_counter() - start, 2)}
+    score = score_images(net, images, targets)
+    seconds = round(time.perf_counter() - start, 2)
+    upscaled = {}
+    for size in (48, 32):
+        small = nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+        upscaled[str(size)] = score_images(net, small, targets).accuracy
+    return {**score.to_dict(), "score_seconds": seconds, "accuracy_from_smaller_images": upscaled}
 
 
 def main() -> None:
@@ -138,6 +149,7 @@ def main() -> None:
     print(f"held-out accuracy {heldout['accuracy']:.2%} ({heldout['hits']}/{heldout['labels']} labels, "
           f"{heldout['images']} images); trained {card['epochs']} epochs on {card['images']} images "
           f"in {card['seconds']} s ({card['precision']}){' [cached]' if cached else ''}")
+    print("from 48x48 / 32x32 images upscaled:", heldout["accuracy_from_smaller_images"])
     print("per shape:", {k: round(v, 4) for k, v in heldout["per_shape"].items()})
     print("per colour:", {k: round(v, 4) for k, v in heldout["per_color"].items()})
     RESULTS.mkdir(exist_ok=True)
