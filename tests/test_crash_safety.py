@@ -45,7 +45,10 @@ def train_argv(root, runs, *extra):
 def start(argv, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     out, err = open(logs / "stdout", "w"), open(logs / "stderr", "w")
-    proc = subprocess.Popen(argv, stdout=out, stderr=err, env=ENV)
+    # As from a terminal: SIGINT at its default even when pytest runs in the background (nohup, CI),
+    # where the child would otherwise inherit an ignored SIGINT and rightly keep ignoring it.
+    proc = subprocess.Popen(argv, stdout=out, stderr=err, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out.close(), err.close()
     return proc
 

@@ -455,13 +455,17 @@ class _DeferredSigint:
     A KeyboardInterrupt raised between opt.step() and the step counter would save weights one update
     ahead of the step the checkpoint records, and under several processes each would stop at a
     different step; checked at the step boundary (and agreed between processes) neither can happen.
-    A second Ctrl-C stops at once. Outside the main thread signals cannot be caught: nothing changes.
+    A second Ctrl-C stops at once. Outside the main thread signals cannot be caught, and a process
+    that ignores SIGINT keeps ignoring it: nothing changes then.
     """
 
     def __init__(self):
         self.hit = False
         self.previous = None
-        if threading.current_thread() is threading.main_thread():
+        # A process started with SIGINT ignored (nohup, a background job) keeps ignoring it.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) not in (
+            signal.SIG_IGN, None
+        ):
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
