@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from machine_info import machine
+from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import Config, load_config
 from iclevr_diffusion.io import write_json
@@ -74,42 +75,26 @@ def throughput(cfg: Config, bf16: bool, batch: int, steps: int, device: torch.de
 
 def short_run(args, device: torch.device) -> dict:
     from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.evaluation import score_images
-    from iclevr_diffusion.labels import multi_hot_batch
-    from iclevr_diffusion.sampling import generate, load_pipeline
+    from iclevr_diffusion.sampling import load_pipeline
     from iclevr_diffusion.training import train
 
     sets = [f"train.max_minutes={args.minutes}", "train.max_steps=null", "train.eval_every=0",
             "train.sample_every=0", "train.checkpoint_every=0", f"device={device}"]
     if args.smoke:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_data import TINY_MODEL, make_tiny_dataset
-
-        sets = [*TINY_MODEL, f"data.root={make_tiny_dataset(args.run.parent / 'smoke-data', n=16)}", *sets]
+        data, tiny = smoke_dataset(args.run.parent / "smoke-data")
+        sets = [*tiny, f"data.root={data}", *sets]
     cfg = load_config(args.config, sets)
     result = train(cfg, args.run)
     pipe, cfg, _ = load_pipeline(args.run, device=str(device))
-    if args.smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
-
-        net, evaluator = build_evaluator().to(device).eval(), "random ResNet18 (smoke)"
-    else:
-        from iclevr_diffusion.workflows.evaluate import choose_evaluator
-
-        net, choice = choose_evaluator(None, None, device, False, cfg.data.synthetic_scenes)
-        net, evaluator = net.eval(), choice.name
-    accuracy = {}
-    start = time.perf_counter()
-    images = 0
-    for split in ("test", "new_test"):
-        conds = load_conditions(split=split)[: 4 if args.smoke else None]
-        imgs = generate(pipe, conds, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, 0, 64)
-        images += len(conds)
-        accuracy[split] = score_images(net, imgs.to(device), multi_hot_batch(conds).to(device)).accuracy
+    net, evaluator = benchmark_evaluator(args.smoke, None, None, device, cfg.data.synthetic_scenes)
+    net = net.to(device)
+    splits = [(s, load_conditions(split=s)[: 4 if args.smoke else None]) for s in ("test", "new_test")]
+    scored = split_accuracy(pipe, net, splits, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale,
+                            batch_size=64)
     return {"config": args.config, "minutes": args.minutes, "steps": result.step, "images_per_s": result.images_per_s,
             "mixed_precision": result.mixed_precision, "sampler": f"{cfg.sample.sampler}-{cfg.sample.steps}",
-            "guidance_scale": cfg.sample.guidance_scale, "evaluator": evaluator, "accuracy": accuracy,
-            "sampling_seconds_per_image": (time.perf_counter() - start) / images}
+            "guidance_scale": cfg.sample.guidance_scale, "evaluator": evaluator, "accuracy": scored["accuracy"],
+            "sampling_seconds_per_image": scored["seconds_per_image"]}
 
 
 def main(argv=None) -> dict:

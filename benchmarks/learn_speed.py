@@ -24,14 +24,13 @@ from pathlib import Path
 
 import torch
 from machine_info import machine
+from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
-from iclevr_diffusion.evaluation import score_images
-from iclevr_diffusion.labels import multi_hot_batch
 from iclevr_diffusion.losses import diffusion_loss
 from iclevr_diffusion.model import ConditionalUNet, count_parameters
-from iclevr_diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.sampling import load_pipeline
 from iclevr_diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.training import train
 
@@ -61,24 +60,8 @@ def validation_loss(model, cfg, images, labels, batch: int = 32) -> float:
 def accuracy(run: Path, net) -> dict[str, float]:
     """Accuracy per split of the run's exported EMA model with its configured sampler, seed 0."""
     pipe, cfg, _ = load_pipeline(run, device="cpu")
-    out = {}
-    for split in ("test", "new_test"):
-        conds = load_conditions(split=split)
-        images = generate(pipe, conds, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale, 0)
-        out[split] = score_images(net, images, multi_hot_batch(conds)).accuracy
-    return out
-
-
-def evaluator(args):
-    if args.smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
-
-        torch.manual_seed(0)
-        return build_evaluator().eval(), "random ResNet18 (smoke)"
-    from iclevr_diffusion.workflows.evaluate import choose_evaluator
-
-    net, choice = choose_evaluator(None, args.data, "cpu", False)
-    return net.eval(), choice.name
+    sets = [(split, load_conditions(split=split)) for split in ("test", "new_test")]
+    return split_accuracy(pipe, net, sets, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale)["accuracy"]
 
 
 def main() -> None:
@@ -100,20 +83,15 @@ def main() -> None:
     candidates = dict(CANDIDATES)
     extra = list(args.set)
     if args.smoke:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from tiny_data import TINY_MODEL, make_tiny_dataset
-
-        args.data = make_tiny_dataset(runs / "data", n=16)
+        args.data, tiny = smoke_dataset(runs / "data")
         candidates = {"tiny": []}
-        extra = [*TINY_MODEL, *extra]
+        extra = [*tiny, *extra]
         args.seconds = 3.0
     if args.data is None:
         from iclevr_diffusion.data.synthetic import default_dataset_root
 
         args.data = default_dataset_root()
-    net, net_name = evaluator(args)
+    net, net_name = benchmark_evaluator(args.smoke, None, args.data)
     picks = [p.strip() for p in args.only.split(",") if p.strip()]
     held = "heldout.json" if (args.data / "heldout.json").is_file() else "train.json"
     rows = []

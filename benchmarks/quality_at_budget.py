@@ -21,34 +21,19 @@ import argparse
 import datetime
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
 from machine_info import machine
+from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
-from iclevr_diffusion.evaluation import score_images
 from iclevr_diffusion.io import write_json
-from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.sampling import load_pipeline
 from iclevr_diffusion.training import snapshot_name, train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def score(pipe, net, sets, sampler: str, steps: int, guidance: float, seed: int, batch_size: int) -> dict:
-    """Accuracy per split for one seed, and sampling seconds per image."""
-    out, seconds, images = {}, 0.0, 0
-    for name, conds in sets:
-        started = time.perf_counter()
-        imgs = generate(pipe, conds, sampler, steps, guidance, seed, batch_size)
-        seconds += time.perf_counter() - started
-        images += len(conds)
-        out[name] = score_images(net, imgs, multi_hot_batch(conds)).accuracy
-    return {"accuracy": out, "seconds_per_image": seconds / images}
 
 
 def parse_candidates(text: str) -> list[tuple[str, int, float]]:
@@ -58,20 +43,6 @@ def parse_candidates(text: str) -> list[tuple[str, int, float]]:
         sampler, steps, guidance = item.strip().split(":")
         out.append((sampler, int(steps), float(guidance)))
     return out
-
-
-def evaluator_for(args, cfg):
-    if args.smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
-
-        torch.manual_seed(0)
-        return build_evaluator().eval(), "random ResNet18 (smoke)"
-    from iclevr_diffusion.devices import resolve_device
-    from iclevr_diffusion.workflows.evaluate import choose_evaluator
-
-    root = Path(cfg.data.root) if cfg.data.root else None
-    net, choice = choose_evaluator(None, root, resolve_device(args.device), False, cfg.data.synthetic_scenes)
-    return net.eval(), choice.name
 
 
 def main(argv=None) -> dict:
@@ -93,11 +64,8 @@ def main(argv=None) -> dict:
     sets_override: list[str] = []
     limit = None
     if args.smoke:
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny_data import TINY_MODEL, make_tiny_dataset
-
-        data = make_tiny_dataset(args.run.parent / "smoke-data", n=16)
-        sets_override = [*TINY_MODEL, f"data.root={data}"]
+        data, tiny = smoke_dataset(args.run.parent / "smoke-data")
+        sets_override = [*tiny, f"data.root={data}"]
         args.minutes, marks, args.seeds, limit = 0.1, [0.02, 0.05], 2, 4
         args.candidates = "ddim:2:1,ddim:2:2"
     out = args.out or RESULTS / f"quality_at_budget{'-smoke' if args.smoke else ''}.json"
@@ -117,12 +85,13 @@ def main(argv=None) -> dict:
     if missing:
         sys.exit(f"error: no model at {', '.join(missing)}; train the run to its budget first (drop --score-only).")
 
-    net, evaluator_name = evaluator_for(args, cfg)
+    root = Path(cfg.data.root) if cfg.data.root else None
+    net, evaluator_name = benchmark_evaluator(args.smoke, None, root, args.device, cfg.data.synthetic_scenes)
     sets = [(s, load_conditions(split=s)[:limit]) for s in ("test", "new_test")]
     final_pipe, _, _ = load_pipeline(budgets[-1][1], device=args.device)
     choices = []
     for sampler, steps, w in parse_candidates(args.candidates):
-        r = score(final_pipe, net, sets, sampler, steps, w, 0, args.batch_size)
+        r = split_accuracy(final_pipe, net, sets, sampler, steps, w, 0, args.batch_size)
         mean = statistics.mean(r["accuracy"].values())
         choices.append({"sampler": sampler, "steps": steps, "guidance_scale": w, "mean_accuracy_seed0": mean})
         print(f"choice {sampler}-{steps} w={w:g}: {r['accuracy']}", file=sys.stderr, flush=True)
@@ -131,7 +100,7 @@ def main(argv=None) -> dict:
     rows = []
     for minutes, folder in budgets:
         pipe, run_cfg, _ = load_pipeline(folder, device=args.device)
-        per_seed = [score(pipe, net, sets, best["sampler"], best["steps"], best["guidance_scale"], s,
+        per_seed = [split_accuracy(pipe, net, sets, best["sampler"], best["steps"], best["guidance_scale"], s,
                           args.batch_size) for s in range(args.seeds)]
         row = {"minutes": minutes, "model": str(folder),
                "seconds_per_image": statistics.mean(r["seconds_per_image"] for r in per_seed)}

@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from machine_info import machine
+from scoring import benchmark_evaluator
 
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.evaluation import score_images
@@ -46,21 +46,16 @@ def parse_list(text: str, kind=float) -> list:
 def setup(args):
     """(pipe, run config, model label, evaluator network, evaluator name)."""
     if args.smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
         from iclevr_diffusion.testing import tiny_config, tiny_pipeline
 
         cfg = tiny_config(num_train_timesteps=20)
         pipe = tiny_pipeline(cfg, train_steps=10)
-        torch.manual_seed(0)
-        net = build_evaluator().eval()  # random weights: the numbers mean nothing, the code path runs
-        return pipe, cfg, "tiny (smoke)", net, "random ResNet18 (smoke)"
-    from iclevr_diffusion.devices import resolve_device
-    from iclevr_diffusion.workflows.evaluate import choose_evaluator
-
+        net, name = benchmark_evaluator(True)
+        return pipe, cfg, "tiny (smoke)", net, name
     pipe, cfg, folder = load_pipeline(args.model, Path("runs"), args.device)
     root = Path(args.data) if args.data else (Path(cfg.data.root) if cfg.data.root else None)
-    net, choice = choose_evaluator(args.evaluator, root, resolve_device(args.device), False, cfg.data.synthetic_scenes)
-    return pipe, cfg, str(folder), net.eval(), choice.name
+    net, name = benchmark_evaluator(False, args.evaluator, root, args.device, cfg.data.synthetic_scenes)
+    return pipe, cfg, str(folder), net, name
 
 
 def run_one(pipe, sets, sampler, steps, guidance, seeds, batch_size, net, autocast=None) -> dict:

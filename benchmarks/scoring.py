@@ -1,0 +1,50 @@
+"""What the benchmark scripts share: the evaluator they score with, per-split accuracy of a
+pipeline, and the tiny dataset their --smoke modes train on."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from iclevr_diffusion.evaluation import score_images
+from iclevr_diffusion.labels import multi_hot_batch
+from iclevr_diffusion.sampling import generate
+
+
+def benchmark_evaluator(smoke: bool, evaluator=None, root: Path | None = None, device="cpu", scenes=None):
+    """(network in eval mode, name): the one `iclevr-diff evaluate` picks, or for --smoke a randomly
+    initialised ResNet18 (its numbers mean nothing; the code path runs in seconds)."""
+    if smoke:
+        from iclevr_diffusion.evaluation import build_evaluator
+
+        torch.manual_seed(0)
+        return build_evaluator().eval(), "random ResNet18 (smoke)"
+    from iclevr_diffusion.devices import resolve_device
+    from iclevr_diffusion.workflows.evaluate import choose_evaluator
+
+    net, choice = choose_evaluator(evaluator, root, resolve_device(str(device)), False, scenes)
+    return net.eval(), choice.name
+
+
+def split_accuracy(pipe, net, sets, sampler: str, steps: int, guidance: float, seed: int = 0,
+                   batch_size: int = 32) -> dict:
+    """{"accuracy": {split: accuracy}, "seconds_per_image": sampling time} for [(split, conditions)]."""
+    accuracy, seconds, images = {}, 0.0, 0
+    for name, conds in sets:
+        started = time.perf_counter()
+        imgs = generate(pipe, conds, sampler, steps, guidance, seed, batch_size)
+        seconds += time.perf_counter() - started
+        images += len(conds)
+        accuracy[name] = score_images(net, imgs, multi_hot_batch(conds)).accuracy
+    return {"accuracy": accuracy, "seconds_per_image": seconds / images}
+
+
+def smoke_dataset(folder: Path, n: int = 16) -> tuple[Path, list[str]]:
+    """(root of a tiny PIL-drawn i-CLEVR-layout dataset, the tests' tiny-model overrides)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_data import TINY_MODEL, make_tiny_dataset
+
+    return make_tiny_dataset(folder, n=n), list(TINY_MODEL)
