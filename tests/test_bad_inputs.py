@@ -76,8 +76,10 @@ def snapshot(root: Path) -> dict[str, str]:
 # Argument builders and workspace edits
 
 
-def sample(ws: Path, *args: str) -> list[str]:
-    return ["sample", "--model", str(ws / "runs" / "tiny"), "--out", str(ws / "out"), "--steps", "2", "-q", *args]
+def sample(ws: Path, *args: str, sampler: str = "ddim") -> list[str]:
+    # ddim: the tiny model's own dpm++ would add a (correct) sampler warning line to every case.
+    return ["sample", "--model", str(ws / "runs" / "tiny"), "--out", str(ws / "out"), "--steps", "2", "-q",
+            "--sampler", sampler, *args]
 
 
 def train(ws: Path, *args: str) -> list[str]:
@@ -263,6 +265,18 @@ def test_more_than_three_objects_warns_in_one_line(ws):
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: 4 objects asked for"), result.stderr
+    assert (ws / "out" / "labels" / "0.png").is_file()
+
+
+def test_a_sampler_likely_to_fail_on_the_model_warns_in_one_line_and_still_samples(ws):
+    # A few training steps leave the tiny epsilon model's x0 estimate at t = T-1 outside [-1, 1]
+    # (tests/test_pipeline.py checks the probe itself).
+    argv = [sys.executable, "-m", "iclevr_diffusion", *sample(ws, "--labels", "red cube", sampler="dpm++")]
+    result = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: dpm++ is likely to give saturated"), result.stderr
+    assert "--sampler ddim" in lines[0]
     assert (ws / "out" / "labels" / "0.png").is_file()
 
 

@@ -22,7 +22,8 @@ def run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "script, out_flag",
     [("render_speed.py", "--out"), ("train_speed.py", "--out"), ("learn_speed.py", "--out"), ("samplers.py", "--json"),
-     ("quality_at_budget.py", "--out"), ("gpu_check.py", "--out")],
+     ("quality_at_budget.py", "--out"), ("gpu_check.py", "--out"),
+     ("x0_check.py", "--out")],
 )
 def test_benchmark_smoke_writes_results(script, out_flag, tmp_path):
     result = tmp_path / "result.json"

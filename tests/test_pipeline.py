@@ -10,7 +10,7 @@ from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.images import to_uint8
 from iclevr_diffusion.labels import LABEL_INDEX
 from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
-from iclevr_diffusion.samplers import SAMPLERS, make_sampler
+from iclevr_diffusion.samplers import SAMPLERS, clean_estimate_rms, make_sampler, unreliable_sampler_message
 from iclevr_diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
 from iclevr_diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.testing import one_thread, tiny_config, tiny_pipeline, write_tiny_run
@@ -62,6 +62,37 @@ def test_every_sampler_on_every_schedule_gives_sane_images(unets, sampler, sched
     # clipped inside DPM-Solver++ / UniPC it reached |x| ~ 80 (cosine + UniPC ~ 10^4) here.
     raw = _manual(pipe, CONDS, sampler, 6, seed=1, guidance_scale=2.0, clamp=False)
     assert torch.isfinite(raw).all() and raw.abs().max() < 1.5, f"raw |x| up to {raw.abs().max():.3g}"
+
+
+def test_clean_estimate_probe_matches_the_schedulers_own_x0(unets):
+    """The probe's x0 at t = T-1 is the one diffusers' DDIM computes from the same model output."""
+    from diffusers import DDIMScheduler
+
+    for prediction in PREDICTIONS:
+        pipe = pipe_for(unets, "linear", prediction, 1000)
+        x = torch.randn((4, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = pipe.unet(x, torch.full((4,), 999), torch.zeros(4, 24))
+        ddim = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        ddim.set_timesteps(10)
+        x0 = ddim.step(out, 999, x).pred_original_sample
+        assert clean_estimate_rms(pipe.unet, pipe.scheduler) == pytest.approx(float(x0.pow(2).mean().sqrt()), rel=1e-4)
+
+
+def test_samplers_that_need_an_accurate_x0_are_flagged_on_a_briefly_trained_epsilon_model(unets):
+    eps = pipe_for(unets, "linear", "epsilon", 1000)
+    rms = clean_estimate_rms(eps.unet, eps.scheduler)
+    assert rms > 1  # a few steps of training: x0 at t = 999 is far outside [-1, 1]
+    assert unreliable_sampler_message("ddim", eps.unet, eps.scheduler) is None
+    for sampler in ("ddpm", "dpm++", "unipc"):
+        message = unreliable_sampler_message(sampler, eps.unet, eps.scheduler)
+        assert message.startswith(sampler) and f"RMS {rms:.1f}" in message and "--sampler ddim" in message
+    # The same training as v-prediction estimates x0 at t = 999 directly: nothing to flag.
+    v = pipe_for(unets, "linear", "v_prediction", 1000)
+    assert clean_estimate_rms(v.unet, v.scheduler) < 1
+    assert unreliable_sampler_message("dpm++", v.unet, v.scheduler) is None
+    with pytest.warns(UserWarning, match="dpm\\+\\+ is likely"):
+        resolve_sampling(tiny_config(), eps, "dpm++", 5, 2.0)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

@@ -20,6 +20,7 @@ scaled_linear, cosine; epsilon and v_prediction; T = 100 and 1000 - in tests/tes
 
 from __future__ import annotations
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -69,3 +70,49 @@ def check_steps(steps: int, train_scheduler: SchedulerMixin) -> int:
     if steps > total:
         raise IclevrError(f"--steps {steps} is more than the model's {total} training timesteps; use at most {total}.")
     return steps
+
+
+def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, seed: int = 0) -> float:
+    """RMS of the model's clean-image estimate x0 at t = T-1, from pure noise with the null label.
+
+    Needs no data: at t = T-1 the input is (almost) pure noise, and the best estimate of x0 there is
+    about the mean training image. A mean of images in [-1, 1] lies in [-1, 1] pixel by pixel, so its
+    RMS is at most 1; well above 1 means the model's x0 is off by more than the data range.
+    """
+    t = int(train_scheduler.config.num_train_timesteps) - 1
+    alpha_bar = train_scheduler.alphas_cumprod[t]
+    a, s = float(alpha_bar.sqrt()), float((1 - alpha_bar).sqrt())
+    size = int(unet.config.sample_size)
+    x = torch.randn((images, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(unet.device)
+    labels = torch.zeros(images, int(unet.config.num_classes), device=unet.device)
+    with torch.no_grad():
+        out = unet(x, torch.full((images,), t, device=unet.device), labels).float()
+    kind = train_scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0 = (x - s * out) / a
+    elif kind == "v_prediction":
+        x0 = a * x - s * out
+    else:
+        x0 = out
+    return float(x0.pow(2).mean().sqrt())
+
+
+def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMixin) -> str | None:
+    """A one-line warning when `sampler` is likely to give saturated, off-colour images with this model.
+
+    Why only DDIM is spared (measured in BENCHMARKS.md, "Which sampler"): a briefly trained epsilon
+    model predicts the noise at t ~ T to about 1e-3, and x0 = (x - sqrt(1 - a) eps) / sqrt(a) multiplies
+    that error by ~160 on the linear schedule. DDPM, DPM-Solver++ and UniPC step with that x0 (clipped)
+    and re-derive the noise from it, so the error accumulates into coloured floors and a 2x2 checkerboard;
+    DDIM clips x0 but keeps the model's own noise estimate, which pulls over-range predictions back.
+    """
+    if sampler == "ddim":
+        return None
+    rms = clean_estimate_rms(unet, train_scheduler)
+    if rms <= 1.0:
+        return None
+    return (
+        f"{sampler} is likely to give saturated, off-colour images with this model: its clean-image estimate "
+        f"at the noisiest step has RMS {rms:.1f} (a good one is at most 1). Use --sampler ddim, which copes "
+        "with that, or a model trained longer or with schedule.prediction_type=v_prediction."
+    )

@@ -7,6 +7,7 @@ ConditionalDDPMPipeline.save_pretrained folder (model_index.json, unet/, schedul
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
-from iclevr_diffusion.samplers import SAMPLERS, check_steps, make_sampler
+from iclevr_diffusion.samplers import SAMPLERS, check_steps, make_sampler, unreliable_sampler_message
 
 MODEL_DIR = "model"
 RUN_CONFIG = "run_config.yaml"
@@ -103,7 +104,8 @@ def resolve_sampling(
     """Sampler, steps and guidance: the flags where given, else the run config's `sample` section.
 
     ddpm takes all T steps unless --steps is given for it: the report's ancestral sampler is the
-    full chain, and the config's step count is meant for the fast solvers.
+    full chain, and the config's step count is meant for the fast solvers. Warns (one line) when the
+    sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
     """
     sampler = sampler or cfg.sample.sampler
     if sampler not in SAMPLERS:
@@ -114,6 +116,9 @@ def resolve_sampling(
     guidance = cfg.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
     if guidance < 0:
         raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance}.")
+    message = unreliable_sampler_message(sampler, pipe.unet, pipe.scheduler)
+    if message:
+        warnings.warn(message, stacklevel=2)
     return sampler, steps, guidance
 
 
