@@ -174,6 +174,27 @@ def test_wall_clock_budget_and_bf16(data_root, tmp_path):
     assert (tmp_path / "r" / "model" / "model_index.json").is_file()
 
 
+def test_wall_clock_run_replans_its_horizon_when_the_speed_changes(data_root, tmp_path):
+    """Steps slow down after the first plan (as when the CPU gets busy): the run re-plans and still
+    ends at its horizon, learning rate annealed, instead of running out of time mid-schedule."""
+    import time
+
+    horizons: list[int] = []
+
+    def progress(event, **info):
+        if event == "horizon":
+            horizons.append(info["total"])
+        elif event == "step" and horizons:
+            time.sleep(0.03)  # a real slow-down of every step after the first plan
+
+    cfg = tiny_cfg(data_root, "train.max_minutes=0.15", "train.lr=0.001")
+    result = train(cfg, tmp_path / "r", progress=progress)
+    assert len(horizons) >= 3 and horizons[-1] < horizons[0] / 2  # planned fewer steps once slower
+    assert result.stopped_by == "max_minutes" and result.step == horizons[-1]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == result.step and rows[-1]["lr"] < 0.02 * 0.001
+
+
 def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLEVR_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config("default", [*TINY_MODEL, "data.synthetic_scenes=4", "train.max_steps=2"])

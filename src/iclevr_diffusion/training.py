@@ -7,11 +7,14 @@ label dropout come from seeded CPU generators whose states go into every checkpo
 is interrupted and resumed ends with the same weights as one that never stopped.
 
 Learning-rate horizon: AdamW with diffusers' cosine schedule with warm-up. With max_steps or epochs
-the horizon is known. With only a wall-clock budget (train.max_minutes) it is estimated once, after
-the first few optimizer steps (PROBE_SKIP + PROBE_STEPS), from the measured speed: the steps that fit
-in the remaining budget, less a 10% reserve for sample grids, checkpoints and the final export. The
-run then stops at that horizon or when the budget runs out, whichever comes first, so the learning
-rate never rises again past the end of the cosine. The horizon is stored in the checkpoints, so a resumed run keeps it.
+the horizon is known. With only a wall-clock budget (train.max_minutes) it is planned after the first
+few optimizer steps (PROBE_SKIP + PROBE_STEPS) from the measured speed: the steps that fit in the
+remaining budget, less a reserve of 10% of the budget for the final sample grid and export. It is then
+re-planned about REPLANS times from the speed since the last plan, so a run that started on a busy CPU
+(too few steps planned) or that loses time to grids and checkpoints (too many) still ends on time with
+its learning rate annealed. The run stops at the horizon or when the
+budget runs out, whichever comes first. The horizon is stored in the checkpoints; a resumed run
+re-plans it from its own speed.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from iclevr_diffusion.model import ConditionalUNet
 from iclevr_diffusion.run_outputs import RunFiles, ema_weights, evaluate_hook, export_model, sample_images
 from iclevr_diffusion.schedule import make_train_scheduler
 
-PROBE_SKIP, PROBE_STEPS = 3, 20  # a wall-clock-only run times steps 4..23 to fix its lr horizon
+PROBE_SKIP, PROBE_STEPS = 3, 20  # a wall-clock-only run times steps 4..23 to plan its lr horizon
+REPLANS = 10  # ... and re-plans it about this often, from the speed since the last plan
 BUDGET_RESERVE = 0.10  # share of the budget kept for sample grids, checkpoints and the final export
 Progress = Callable[..., None]  # progress(event, **info): events start, step, note, end
 
@@ -248,7 +252,8 @@ def train(
     # Position and random states as of the last optimizer step: what a checkpoint records, so a
     # Ctrl-C in the middle of gradient accumulation still resumes exactly.
     at_step = {"pos": {"epoch": state["epoch"], "batch": state["batch"]}, "rng": ckpt.capture_rng(gen)}
-    probe = None
+    # (step, time) the speed is measured from; the step of the next horizon plan; steps between plans
+    probe, replan_at, spacing = None, 0, 0
     if stopped_by and source is not None:
         emit("note", message=f"the run already reached its {stopped_by} limit at step {state['step']}; "
                              "raise it (e.g. --max-steps, --max-minutes) to train on, or use a new --name")
@@ -292,10 +297,15 @@ def train(
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - start_time
                 if step - start_step == PROBE_SKIP:  # the first steps are slow (lazy init): time the next ones
                     probe = (step, time.perf_counter())
-                if state["horizon"] is None and probe and step - probe[0] >= PROBE_STEPS and budget_s:
-                    rate = (step - probe[0]) / (time.perf_counter() - probe[1])
-                    left = budget_s - state["elapsed_s"]
-                    state["horizon"] = _agree(accelerator, step + max(1, int(rate * left * (1 - BUDGET_RESERVE))))
+                if budget_s and probe and step >= probe[0] + PROBE_STEPS and step >= replan_at:
+                    now = time.perf_counter()
+                    planned = _planned_horizon(step, (step - probe[0]) / (now - probe[1]), budget_s,
+                                               state["elapsed_s"])
+                    state["horizon"] = _agree(accelerator, planned)
+                    # About REPLANS plans per run, spaced by the first (agreed) plan, so every process
+                    # re-plans at the same step; the speed is then measured over the last interval.
+                    spacing = spacing or max(PROBE_STEPS, (state["horizon"] - step) // REPLANS)
+                    replan_at, probe = step + spacing, (step, now)
                     lr_sched = _with_horizon(lr_sched, opt, t_cfg.warmup_steps, state["horizon"])
                     emit("horizon", total=state["horizon"])
                 if step % t_cfg.log_every == 0 or step == 1:
@@ -378,6 +388,13 @@ def _known_horizon(cfg: Config, steps_per_epoch: int) -> int | None:
     if not cfg.train.max_minutes:
         raise IclevrError("Set at least one of train.max_steps, train.epochs or train.max_minutes.")
     return None
+
+
+def _planned_horizon(step: int, steps_per_s: float, budget_s: float, elapsed_s: float) -> int:
+    """The step at which a wall-clock run should end: the steps that fit in the time left at this speed,
+    less the reserve kept for the final grid and export; always at least one more step."""
+    left = budget_s * (1 - BUDGET_RESERVE) - elapsed_s
+    return step + max(1, int(steps_per_s * left))
 
 
 def _stop_reason(
