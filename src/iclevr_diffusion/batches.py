@@ -60,7 +60,7 @@ def build_dataset(
         scenes = cfg.data.synthetic_scenes
         if note:
             fresh = not (cached_root(scenes) / COMPLETE).is_file()
-            first = ": rendering it once (a few minutes)" if fresh else ""
+            first = ": rendering it once (about half a minute on 2 cores)" if fresh else ""
             note(f"built-in synthetic dataset, {scenes} scenes{first}")
         total, done = planned_images(scenes), [0]
 

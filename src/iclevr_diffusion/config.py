@@ -57,13 +57,13 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 32  # images per optimizer step (across all processes)
+    batch_size: int = 16  # images per optimizer step (across all processes)
     lr: float = 0.001  # peak AdamW learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up before the cosine decay
     max_steps: int | None = None  # stop after this many optimizer steps ...
     epochs: int | None = None  # ... or after this many passes over the data ...
-    max_minutes: float | None = 11.5  # ... or after this much wall-clock time, whichever comes first
+    max_minutes: float | None = 14.0  # ... or after this much wall-clock time, whichever comes first
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_decay: float = 0.999  # EMA of the weights; the EMA model is what gets exported
@@ -71,8 +71,8 @@ class TrainConfig:
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (5 is the paper's value); None = off
     log_every: int = 25  # steps between metrics.jsonl lines
-    sample_every: int = 400  # steps between sample grids (0 = only at the end)
-    checkpoint_every: int = 250  # steps between training-state checkpoints
+    sample_every: int = 800  # steps between sample grids (0 = only at the end)
+    checkpoint_every: int = 500  # steps between training-state checkpoints
     keep_checkpoints: int = 3  # how many checkpoints to keep
     # Export the EMA model to snapshots/<M>min/ when the run's clock passes each of these minutes.
     snapshot_minutes: list[float] = field(default_factory=list)
