@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     p.add_argument("--minutes", type=float, default=60.0, help="training budget of the run")
     p.add_argument("--marks", default="15,30", help="earlier budgets scored from snapshots, minutes")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--candidates", default="dpm++:25:1,dpm++:25:2,dpm++:25:3,dpm++:25:5",
+    p.add_argument("--candidates", default="ddim:25:2,ddim:25:3,ddim:25:5,ddim:50:3,dpm++:25:3",
                    help="sampler:steps:guidance choices tried on the final model (seed 0)")
     p.add_argument("--score-only", action="store_true", help="do not train: score the run as it is")
     p.add_argument("--device", default="auto")

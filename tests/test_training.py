@@ -195,6 +195,15 @@ def test_wall_clock_run_replans_its_horizon_when_the_speed_changes(data_root, tm
     assert rows[-1]["step"] == result.step and rows[-1]["lr"] < 0.02 * 0.001
 
 
+def test_max_steps_fixes_the_horizon_even_with_a_time_budget(data_root, tmp_path):
+    horizons: list[int] = []
+    cfg = tiny_cfg(data_root, "train.max_minutes=5", "train.max_steps=30")
+    result = train(cfg, tmp_path / "r", progress=lambda e, **i: horizons.append(i["total"]) if e == "horizon" else None)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert horizons == [] and result.stopped_by == "max_steps" and result.step == 30
+    assert rows[-1]["step"] == 30 and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # annealed at step 30
+
+
 def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLEVR_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config("default", [*TINY_MODEL, "data.synthetic_scenes=4", "train.max_steps=2"])

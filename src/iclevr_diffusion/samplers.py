@@ -100,7 +100,7 @@ def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, s
 def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMixin) -> str | None:
     """A one-line warning when `sampler` is likely to give saturated, off-colour images with this model.
 
-    Why only DDIM is spared (measured in BENCHMARKS.md, "Which sampler"): a briefly trained epsilon
+    Why only DDIM is spared (measured in BENCHMARKS.md, "Why only DDIM"): a briefly trained epsilon
     model predicts the noise at t ~ T to about 1e-3, and x0 = (x - sqrt(1 - a) eps) / sqrt(a) multiplies
     that error by ~160 on the linear schedule. DDPM, DPM-Solver++ and UniPC step with that x0 (clipped)
     and re-derive the noise from it, so the error accumulates into coloured floors and a 2x2 checkerboard;

@@ -12,9 +12,9 @@ few optimizer steps (PROBE_SKIP + PROBE_STEPS) from the measured speed: the step
 remaining budget, less a reserve of 10% of the budget for the final sample grid and export. It is then
 re-planned about REPLANS times from the speed since the last plan, so a run that started on a busy CPU
 (too few steps planned) or that loses time to grids and checkpoints (too many) still ends on time with
-its learning rate annealed. The run stops at the horizon or when the
-budget runs out, whichever comes first. The horizon is stored in the checkpoints; a resumed run
-re-plans it from its own speed.
+its learning rate annealed. The run stops at the horizon or when the budget runs out, whichever comes
+first. The horizon is stored in the checkpoints; a resumed run re-plans it from its own speed. With
+max_steps or epochs set as well, those fix the horizon and the budget only cuts the run short.
 """
 
 from __future__ import annotations
@@ -240,6 +240,7 @@ def train(
         accelerator.wait_for_everyone()
 
     budget_s = t_cfg.max_minutes * 60 if t_cfg.max_minutes else None
+    plan_by_time = budget_s is not None and horizon is None  # max_steps / epochs fix the horizon otherwise
     start_step, start_time = state["step"], time.perf_counter()
     elapsed0 = state["elapsed_s"]
     emit("start", step=state["step"], total=state["horizon"], budget_s=budget_s, mixed_precision=mp,
@@ -297,7 +298,7 @@ def train(
                 state["elapsed_s"] = elapsed0 + time.perf_counter() - start_time
                 if step - start_step == PROBE_SKIP:  # the first steps are slow (lazy init): time the next ones
                     probe = (step, time.perf_counter())
-                if budget_s and probe and step >= probe[0] + PROBE_STEPS and step >= replan_at:
+                if plan_by_time and probe and step >= probe[0] + PROBE_STEPS and step >= replan_at:
                     now = time.perf_counter()
                     planned = _planned_horizon(step, (step - probe[0]) / (now - probe[1]), budget_s,
                                                state["elapsed_s"])
