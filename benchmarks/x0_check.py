@@ -34,7 +34,7 @@ from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
 from iclevr_diffusion.evaluation import score_images
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.samplers import clean_estimate_rms, make_sampler
+from iclevr_diffusion.samplers import clean_estimate, clean_estimate_rms, make_sampler
 from iclevr_diffusion.sampling import image_generators, load_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,10 +66,7 @@ def noise_errors(pipe, images, labels) -> list[dict]:
         t = max(0, round(f * T) - 1)
         ts = torch.full((len(images),), t)
         noisy = sched.add_noise(images, noise, ts)
-        out = pipe.unet(noisy, ts, labels).float()
-        ddim = DDIMScheduler.from_config(sched.config, clip_sample=False)  # its x0 / eps conversion
-        ddim.set_timesteps(T)
-        x0 = ddim.step(out, t, noisy).pred_original_sample
+        x0 = clean_estimate(pipe.unet(noisy, ts, labels).float(), noisy, t, sched)
         a, s = sched.alphas_cumprod[t].sqrt(), (1 - sched.alphas_cumprod[t]).sqrt()
         eps = (noisy - a * x0) / s
         rows.append({"t": t, "sqrt_alpha_bar": float(a), "noise_mse": float((eps - noise).pow(2).mean()),

@@ -80,21 +80,24 @@ def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, s
     RMS is at most 1; well above 1 means the model's x0 is off by more than the data range.
     """
     t = int(train_scheduler.config.num_train_timesteps) - 1
-    alpha_bar = train_scheduler.alphas_cumprod[t]
-    a, s = float(alpha_bar.sqrt()), float((1 - alpha_bar).sqrt())
     size = int(unet.config.sample_size)
     x = torch.randn((images, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(unet.device)
     labels = torch.zeros(images, int(unet.config.num_classes), device=unet.device)
     with torch.no_grad():
         out = unet(x, torch.full((images,), t, device=unet.device), labels).float()
+    return float(clean_estimate(out, x, t, train_scheduler).pow(2).mean().sqrt())
+
+
+def clean_estimate(out: torch.Tensor, x: torch.Tensor, t: int, train_scheduler: SchedulerMixin) -> torch.Tensor:
+    """The clean image x0 that model output `out` at noisy input `x` and timestep t implies (unclipped)."""
+    alpha_bar = train_scheduler.alphas_cumprod[t]
+    a, s = float(alpha_bar.sqrt()), float((1 - alpha_bar).sqrt())
     kind = train_scheduler.config.prediction_type
     if kind == "epsilon":
-        x0 = (x - s * out) / a
-    elif kind == "v_prediction":
-        x0 = a * x - s * out
-    else:
-        x0 = out
-    return float(x0.pow(2).mean().sqrt())
+        return (x - s * out) / a
+    if kind == "v_prediction":
+        return a * x - s * out
+    return out
 
 
 def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMixin) -> str | None:
