@@ -73,7 +73,7 @@ def test_fixed_level_probe_uses_the_same_noise_levels_for_every_T(tiny_dataset):
 
     ds = ICLEVRDataset(tiny_dataset, image_size=16)
     for T in (300, 1000):
-        sched = make_train_scheduler(ScheduleConfig(num_train_timesteps=T))
+        sched = make_train_scheduler(ScheduleConfig(formulation="ddpm", num_train_timesteps=T))
         probe = FixedLevelProbe(ds, sched, every=1, images=4)
         reached = sched.alphas_cumprod[probe.timesteps]
         assert torch.allclose(reached, torch.tensor(FIXED_LEVELS, dtype=reached.dtype), atol=0.02)

@@ -97,7 +97,8 @@ def _tiny_run(runs: Path) -> Path:
     from iclevr_diffusion.schedule import make_train_scheduler
 
     cfg = Config()
-    cfg.schedule.num_train_timesteps = 50
+    cfg.schedule.formulation, cfg.schedule.num_train_timesteps, cfg.train.min_snr_gamma = "ddpm", 50, 5.0
+    cfg.model.time_scale_shift = "default"  # as the UNet below
     cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale = "ddim", 2, 1.5
     torch.manual_seed(0)
     unet = ConditionalUNet(
@@ -157,6 +158,7 @@ def test_train_evaluator_writes_the_official_format_and_evaluate_finds_it(tmp_pa
     report = json.loads(result.stdout)
     assert report["evaluator"]["kind"] == "own"
     assert report["evaluator"]["name"].startswith("own ResNet18 trained on data")
+    assert report["evaluator"]["arch"] == "resnet18"  # user data: the course's architecture by default
 
 
 def test_evaluate_without_any_evaluator_for_user_data(tmp_path):

@@ -11,7 +11,7 @@ from iclevr_diffusion.config import load_config
 from iclevr_diffusion.losses import diffusion_loss, snr_weights, target_for
 from iclevr_diffusion.model import ConditionalUNet, count_parameters
 from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
-from tiny_data import TINY_MODEL
+from tiny_data import DDPM, TINY_MODEL
 
 
 def structure(module: nn.Module) -> list[tuple[str, str]]:
@@ -70,16 +70,16 @@ def test_save_and_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("T", [100, 1000])
 def test_schedules_end_in_noise(T):
-    scaled = make_train_scheduler(load_config("default", [f"schedule.num_train_timesteps={T}",
+    scaled = make_train_scheduler(load_config("default", [*DDPM, f"schedule.num_train_timesteps={T}",
                                                           "schedule.beta_schedule=scaled_linear"]).schedule)
-    cosine = make_train_scheduler(load_config("default", [f"schedule.num_train_timesteps={T}",
+    cosine = make_train_scheduler(load_config("default", [*DDPM, f"schedule.num_train_timesteps={T}",
                                                           "schedule.beta_schedule=cosine"]).schedule)
     assert final_alpha_bar(scaled) < 1e-3 and final_alpha_bar(cosine) < 1e-3
     assert cosine.config.beta_schedule == "squaredcos_cap_v2"
 
 
 def test_v_prediction_target_and_min_snr_weights():
-    cfg = load_config("default", ["schedule.prediction_type=v_prediction"])
+    cfg = load_config("default", [*DDPM, "schedule.prediction_type=v_prediction"])
     sched = make_train_scheduler(cfg.schedule)
     x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0, 500, 999])
     a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
@@ -87,7 +87,7 @@ def test_v_prediction_target_and_min_snr_weights():
     torch.testing.assert_close(target_for(sched, x0, noise, t), a * noise - s * x0)
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
     torch.testing.assert_close(snr_weights(sched, t, 5.0), snr.clamp(max=5) / (snr + 1))
-    eps = make_train_scheduler(load_config("default").schedule)
+    eps = make_train_scheduler(load_config("default", DDPM).schedule)
     w = snr_weights(eps, t, 5.0)
     assert w[0] < 0.01 and w[2] == pytest.approx(1.0)  # low-noise steps are down-weighted
 

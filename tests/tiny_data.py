@@ -18,7 +18,13 @@ torch.set_num_threads(1)
 RGB = {"gray": (128, 128, 128), "red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 160, 30),
        "brown": (120, 70, 20), "purple": (130, 30, 160), "cyan": (30, 200, 200), "yellow": (220, 220, 30)}
 
+# The DDPM formulation as the default preset had it until EDM replaced it: most tests exercise DDPM
+# code paths; tests/test_edm.py covers EDM (the default).
+DDPM = ["schedule.formulation=ddpm", "train.min_snr_gamma=5.0", "model.time_scale_shift=default", "train.lr=0.001",
+        "sample.sampler=ddim", "sample.steps=25"]
+
 TINY_MODEL = [
+    *DDPM,
     "data.image_size=16", "model.block_out_channels=[8, 16]", "model.attention=[false, true]",
     "model.norm_num_groups=4", "model.attention_head_dim=8", "model.layers_per_block=1",
     "schedule.num_train_timesteps=50", "train.batch_size=4", 'train.mixed_precision="no"',

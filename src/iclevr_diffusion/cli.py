@@ -105,12 +105,22 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Run folder or exported model folder (default: the newest run)."),
 ]
 SplitOpt = Annotated[
-    list[str] | None, typer.Option("--split", help="Packaged condition file: test or new_test (repeatable).")
+    list[str] | None,
+    typer.Option(
+        "--split",
+        help="Packaged condition file: test or new_test (the course's), or val (ours, for choosing recipes); "
+        "repeatable.",
+    ),
 ]
 ConditionsOpt = Annotated[
     Path | None, typer.Option("--conditions", help="Your own condition file (JSON list of label lists).")
 ]
-SamplerOpt = Annotated[str | None, typer.Option("--sampler", help="ddpm, ddim, dpm++ or unipc.")]
+SamplerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sampler", help="DDPM models: ddpm, ddim, dpm++ or unipc; EDM models: heun, euler, dpm++ or dpm++sde."
+    ),
+]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps.")]
 GuidanceOpt = Annotated[
     float | None, typer.Option("--guidance-scale", "-g", help="Classifier-free guidance scale (1 = off).")
@@ -230,7 +240,7 @@ def evaluate(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Accuracy of a model (or of a folder of images) with the ResNet18 evaluator."""
+    """Accuracy of a model (or of a folder of images) with a multi-label evaluator."""
     from iclevr_diffusion.workflows import evaluate as workflow
 
     workflow.run(
@@ -303,18 +313,24 @@ def train_evaluator(
     ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
     batch_size: BatchOpt = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default: the architecture's).")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option("--arch", help="small-cnn (default for the built-in synthetic data: minutes on a CPU) or "
+                     "resnet18 (the course's architecture; default for --data)."),
+    ] = None,
     device: DeviceOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if a checkpoint exists.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the ResNet18 multi-label evaluator where the official checkpoint is absent."""
+    """Train the multi-label evaluator where the official checkpoint is absent."""
     from iclevr_diffusion.workflows import train_evaluator as workflow
 
     workflow.run(
         data=data, images=images, out=out, epochs=epochs, batch_size=batch_size, device=device, seed=seed,
-        force=force, as_json=json_, quiet=quiet,
+        force=force, as_json=json_, quiet=quiet, arch=arch, lr=lr,
     )
 
 

@@ -43,22 +43,29 @@ class ModelConfig:
     dropout: float = 0.0  # dropout inside the resnet blocks
     mid_attention: bool = True  # self-attention in the middle block
     patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
+    time_scale_shift: str = "scale_shift"  # scale_shift (AdaGN) | default (add the time+label embedding)
     num_classes: int = 24  # length of the multi-hot label vector
 
 
 @dataclass
 class ScheduleConfig:
+    formulation: str = "edm"  # edm (Karras et al. 2022: the keys after prediction_type) | ddpm (the keys up to it)
     num_train_timesteps: int = 1000  # T, the number of diffusion steps
     beta_schedule: str = "linear"  # linear (1e-4..0.02) | scaled_linear (linear scaled by 1000/T) | cosine
     beta_start: float = 0.0001
     beta_end: float = 0.02
     prediction_type: str = "epsilon"  # epsilon | v_prediction
+    sigma_data: float | None = None  # edm: std of the training pixels; None = measured at the start of training
+    p_mean: float = -1.2  # edm: training noise levels ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+    sigma_min: float = 0.002  # edm: the sampling noise range (Karras sigmas, rho 7)
+    sigma_max: float = 80.0
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # images per optimizer step (across all processes)
-    lr: float = 0.001  # peak AdamW learning rate
+    lr: float = 0.002  # peak AdamW learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 100  # linear warm-up before the cosine decay
     max_steps: int | None = None  # stop after this many optimizer steps ...
@@ -69,7 +76,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA of the weights; the EMA model is what gets exported
     mixed_precision: str = "auto"  # auto (CPU: bf16 if timed faster; CUDA: bf16, else fp16) | no | bf16 | fp16
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
-    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (5 is the paper's value); None = off
+    min_snr_gamma: float | None = None  # DDPM only: min-SNR loss weighting (5 is the paper's value); None = off
     log_every: int = 25  # steps between metrics.jsonl lines
     sample_every: int = 800  # steps between sample grids (0 = only at the end)
     checkpoint_every: int = 500  # steps between training-state checkpoints
@@ -83,8 +90,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddpm | ddim | dpm++ | unipc
-    steps: int = 25  # solver steps (ddpm uses T unless given)
+    sampler: str = "heun"  # ddpm models: ddpm | ddim | dpm++ | unipc; edm models: heun | euler | dpm++ | dpm++sde
+    steps: int = 18  # solver steps (ddpm uses T unless given; heun evaluates the network 2 x steps - 1 times)
     guidance_scale: float = 3.0  # classifier-free guidance w (1 = off)
     batch_size: int = 32
 
@@ -136,10 +143,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.resize": ("squash", "center_crop"),
     "schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "schedule.prediction_type": ("epsilon", "v_prediction"),
+    "schedule.formulation": ("ddpm", "edm"),
+    "model.time_scale_shift": ("default", "scale_shift"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
-    "sample.sampler": ("ddpm", "ddim", "dpm++", "unipc"),
+    "sample.sampler": ("ddpm", "ddim", "dpm++", "unipc", "heun", "euler", "dpm++sde"),
 }
+# The samplers each formulation offers (samplers.py, edm.py).
+SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": ("heun", "euler", "dpm++", "dpm++sde")}
 PRESETS = ("default", "seed", "full", "compare-timesteps")
 
 
@@ -325,14 +336,41 @@ def validate(cfg: Config) -> Config:
     for key, value in positive.items():
         if value <= 0:
             raise IclevrError(f"Config key '{key}' must be positive, got {value}.")
+    _validate_formulation(cfg)
     if any(m <= 0 for m in cfg.train.snapshot_minutes):
         raise IclevrError(f"train.snapshot_minutes must be positive minutes, got {cfg.train.snapshot_minutes}.")
     if not 0.0 <= cfg.train.label_dropout < 1.0:
         raise IclevrError(f"train.label_dropout must be in [0, 1), got {cfg.train.label_dropout}.")
     for split in cfg.eval.splits:
-        if split not in ("test", "new_test"):
-            raise IclevrError(f"eval.splits entry '{split}' is not a split; use test and/or new_test.")
+        if split not in ("test", "new_test", "val"):
+            raise IclevrError(f"eval.splits entry '{split}' is not a split; use test, new_test and/or val.")
     return cfg
+
+
+def _validate_formulation(cfg: Config) -> None:
+    sch, sampler = cfg.schedule, cfg.sample.sampler
+    offered = SAMPLERS_BY_FORMULATION[sch.formulation]
+    if sampler not in offered:
+        raise IclevrError(
+            f"sample.sampler '{sampler}' is not a sampler of schedule.formulation={sch.formulation}; "
+            f"choose one of: {', '.join(offered)}."
+        )
+    if sch.formulation != "edm":
+        return
+    if cfg.train.min_snr_gamma is not None:
+        raise IclevrError(
+            "train.min_snr_gamma is a DDPM loss weighting; EDM weights its loss itself: set train.min_snr_gamma=null "
+            "with schedule.formulation=edm."
+        )
+    if sch.sigma_data is not None and sch.sigma_data <= 0:
+        raise IclevrError(f"schedule.sigma_data must be positive (or null to measure it), got {sch.sigma_data}.")
+    if sch.p_std <= 0:
+        raise IclevrError(f"schedule.p_std must be positive, got {sch.p_std}.")
+    if not 0 < sch.sigma_min < sch.sigma_max:
+        raise IclevrError(
+            f"schedule.sigma_min ({sch.sigma_min}) and schedule.sigma_max ({sch.sigma_max}) must satisfy "
+            "0 < sigma_min < sigma_max."
+        )
 
 
 def load_config(

@@ -46,9 +46,16 @@ def diffusion_loss(
     images: torch.Tensor,  # clean images in [-1, 1], (B, 3, S, S)
     labels: torch.Tensor,  # multi-hot (B, num_classes), already label-dropped if wanted
     generator: torch.Generator | None = None,  # CPU generator for noise and timesteps
-    min_snr_gamma: float | None = None,  # None: plain MSE
+    min_snr_gamma: float | None = None,  # None: plain MSE (DDPM only)
+    p_mean: float = -1.2,  # EDM only: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2,
 ) -> torch.Tensor:
-    """Mean squared error between the model output and the target at uniformly drawn timesteps."""
+    """DDPM: mean squared error between the model output and the target at uniformly drawn timesteps.
+    EDM (an EDM scheduler): edm.edm_loss at log-normal noise levels."""
+    from iclevr_diffusion.edm import edm_loss, is_edm
+
+    if is_edm(scheduler):
+        return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std)
     b = images.shape[0]
     device = images.device
     noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)

@@ -132,10 +132,14 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         timesteps = self.scheduler.timesteps
         guided = guidance_scale != 1.0
         labels_in = torch.cat([cond, torch.zeros_like(cond)]) if guided else cond
-        keep = _frame_indices(len(timesteps), frames)
+        # Whole steps: a 2nd-order sampler (Heun) evaluates twice per step, and its halfway states are
+        # neither counted for progress nor drawn in the process strip.
+        whole_steps = num_inference_steps if getattr(self.scheduler, "order", 1) == 2 else len(timesteps)
+        keep = _frame_indices(whole_steps, frames)
         snapshots = [x.clamp(-1, 1).cpu()] if 0 in keep else []
+        done = 0
         step_kwargs = _step_kwargs(self.scheduler, generator)
-        for i, t in enumerate(timesteps):
+        for t in timesteps:
             model_in = torch.cat([x, x]) if guided else x
             model_in = self.scheduler.scale_model_input(model_in, t)
             # Only the UNet runs in bf16; guidance and the solver's arithmetic stay in fp32.
@@ -146,7 +150,10 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
                 eps_cond, eps_null = out.chunk(2)
                 out = eps_null + guidance_scale * (eps_cond - eps_null)
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
-            if i + 1 in keep:
+            if not getattr(self.scheduler, "state_in_first_order", True):
+                continue  # halfway through a Heun step
+            done += 1
+            if done in keep:
                 snapshots.append(x.clamp(-1, 1).cpu())
             if callback is not None:
                 callback(batch)

@@ -29,13 +29,29 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from iclevr_diffusion.config import SAMPLERS_BY_FORMULATION
 from iclevr_diffusion.errors import IclevrError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
+SAMPLERS = SAMPLERS_BY_FORMULATION["ddpm"]
+
+
+def samplers_for(train_scheduler: SchedulerMixin) -> tuple[str, ...]:
+    """The sampler names a model trained with `train_scheduler` offers (DDPM or EDM formulation)."""
+    from iclevr_diffusion.edm import EDM_SAMPLERS, is_edm
+
+    return EDM_SAMPLERS if is_edm(train_scheduler) else SAMPLERS
 
 
 def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule."""
+    from iclevr_diffusion.edm import is_edm, make_edm_sampler
+
+    offered = samplers_for(train_scheduler)
+    if name not in offered:
+        kind = "EDM" if is_edm(train_scheduler) else "DDPM"
+        raise IclevrError(f"Unknown sampler '{name}' for this {kind} model; choose one of: {', '.join(offered)}.")
+    if is_edm(train_scheduler):
+        return make_edm_sampler(name, train_scheduler)
     config = train_scheduler.config
     common = {"timestep_spacing": "trailing"}
     clip = bool(config.get("clip_sample", True))
@@ -63,7 +79,8 @@ def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
 
 
 def check_steps(steps: int, train_scheduler: SchedulerMixin) -> int:
-    """`steps` if every sampler can take it (1..T; all four were tried at 1, 2 and T), else IclevrError."""
+    """`steps` if every sampler can take it (1..T; all four were tried at 1, 2 and T), else IclevrError.
+    EDM models have continuous noise levels; their schedulers' num_train_timesteps (1000) is the cap."""
     total = int(train_scheduler.config.num_train_timesteps)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise IclevrError(f"--steps must be a positive whole number, got {steps!r}.")
@@ -78,7 +95,19 @@ def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, s
     Needs no data: at t = T-1 the input is (almost) pure noise, and the best estimate of x0 there is
     about the mean training image. A mean of images in [-1, 1] lies in [-1, 1] pixel by pixel, so its
     RMS is at most 1; well above 1 means the model's x0 is off by more than the data range.
+    For an EDM model: D(x; sigma_max) with x = sigma_max * noise.
     """
+    from iclevr_diffusion.edm import denoise, is_edm
+
+    if is_edm(train_scheduler):
+        size, sd = int(unet.config.sample_size), float(train_scheduler.config.sigma_data)
+        sigma = float(train_scheduler.config.sigma_max)
+        noise = torch.randn((images, 3, size, size), generator=torch.Generator().manual_seed(seed))
+        x = (noise * sigma).to(unet.device)
+        labels = torch.zeros(images, int(unet.config.num_classes), device=unet.device)
+        with torch.no_grad():
+            d = denoise(unet, x, torch.full((images,), sigma, device=unet.device), labels, sd).float()
+        return float(d.pow(2).mean().sqrt())
     t = int(train_scheduler.config.num_train_timesteps) - 1
     size = int(unet.config.sample_size)
     x = torch.randn((images, 3, size, size), generator=torch.Generator().manual_seed(seed)).to(unet.device)
@@ -109,11 +138,18 @@ def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMix
     and re-derive the noise from it, so the error accumulates into coloured floors and a 2x2 checkerboard;
     DDIM clips x0 but keeps the model's own noise estimate, which pulls over-range predictions back.
     """
-    if sampler == "ddim":
+    from iclevr_diffusion.edm import is_edm
+
+    if sampler == "ddim":  # (a DDPM-only name: EDM models are probed with every sampler)
         return None
     rms = clean_estimate_rms(unet, train_scheduler)
     if rms <= 1.0:
         return None
+    if is_edm(train_scheduler):  # bounded by construction: far off means an untrained or broken model
+        return (
+            f"this EDM model's clean-image estimate at the noisiest step has RMS {rms:.1f} (a trained one is at "
+            "most 1): expect poor images from any sampler; train it longer, or check schedule.sigma_data."
+        )
     return (
         f"{sampler} is likely to give saturated, off-colour images with this model: its clean-image estimate "
         f"at the noisiest step has RMS {rms:.1f} (a good one is at most 1). Use --sampler ddim, which copes "

@@ -18,7 +18,7 @@ from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
-from iclevr_diffusion.samplers import SAMPLERS, check_steps, make_sampler, unreliable_sampler_message
+from iclevr_diffusion.samplers import check_steps, make_sampler, samplers_for, unreliable_sampler_message
 
 MODEL_DIR = "model"
 RUN_CONFIG = "run_config.yaml"
@@ -104,14 +104,15 @@ def resolve_sampling(
     """Sampler, steps and guidance: the flags where given, else the run config's `sample` section.
 
     ddpm takes all T steps unless --steps is given for it: the report's ancestral sampler is the
-    full chain, and the config's step count is meant for the fast solvers. Warns (one line) when the
+    full chain, and the config's step count is meant for the fast solvers (see default_steps). Warns (one line) when the
     sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
     """
     sampler = sampler or cfg.sample.sampler
-    if sampler not in SAMPLERS:
-        raise IclevrError(f"Unknown sampler '{sampler}'; choose one of: {', '.join(SAMPLERS)}.")
+    offered = samplers_for(pipe.scheduler)
+    if sampler not in offered:
+        raise IclevrError(f"Unknown sampler '{sampler}' for this model; choose one of: {', '.join(offered)}.")
     if steps is None:
-        steps = int(pipe.scheduler.config.num_train_timesteps) if sampler == "ddpm" else cfg.sample.steps
+        steps = default_steps(sampler, cfg, pipe.scheduler)
     check_steps(steps, pipe.scheduler)
     guidance = cfg.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
     if guidance < 0:
@@ -120,6 +121,18 @@ def resolve_sampling(
     if message:
         warnings.warn(message, stacklevel=2)
     return sampler, steps, guidance
+
+
+def default_steps(sampler: str, cfg: Config, train_scheduler) -> int:
+    """Steps when --steps is not given: the config's for its own sampler; ddpm the full chain of T; another
+    EDM sampler its own usual count (edm.EDM_DEFAULT_STEPS: about the network evaluations of Heun 18)."""
+    from iclevr_diffusion.edm import EDM_DEFAULT_STEPS, is_edm
+
+    if sampler == "ddpm":
+        return int(train_scheduler.config.num_train_timesteps)
+    if sampler != cfg.sample.sampler and is_edm(train_scheduler):
+        return EDM_DEFAULT_STEPS[sampler]
+    return cfg.sample.steps
 
 
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:

@@ -1,7 +1,8 @@
-"""The training noise schedule (a diffusers DDPMScheduler) built from the `schedule` config section.
+"""The training noise schedule built from the `schedule` config section: a diffusers DDPMScheduler for
+the DDPM formulation, an EDMEulerScheduler (carrying sigma_data and the noise range) for EDM.
 
-Samplers for inference are made from this scheduler's config (see samplers.py), so the betas a model
-was trained with are the betas it is sampled with.
+Samplers for inference are made from this scheduler's config (see samplers.py), so the betas (or
+sigma_data) a model was trained with are the ones it is sampled with.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from iclevr_diffusion.config import ScheduleConfig
 _DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
-def make_train_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
+def make_train_scheduler(cfg: ScheduleConfig, sigma_data: float | None = None):
+    """`sigma_data` (EDM) overrides cfg.sigma_data, e.g. with the value measured on the training set;
+    with neither, EDM's natural-image 0.5 (only tools that do not train, like speed benchmarks)."""
+    if cfg.formulation == "edm":
+        from iclevr_diffusion.edm import make_edm_scheduler
+
+        sd = sigma_data if sigma_data is not None else cfg.sigma_data
+        return make_edm_scheduler(0.5 if sd is None else sd, cfg.sigma_min, cfg.sigma_max)
     scale = 1000.0 / cfg.num_train_timesteps if cfg.beta_schedule == "scaled_linear" else 1.0
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,

@@ -17,6 +17,7 @@ from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.io import write_text
 from iclevr_diffusion.model import ConditionalUNet
 from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+from iclevr_diffusion.edm import edm_loss
 from iclevr_diffusion.schedule import make_train_scheduler
 
 
@@ -25,9 +26,11 @@ def tiny_config(
     prediction_type: str = "epsilon",
     num_train_timesteps: int = 100,
     image_size: int = 16,
+    formulation: str = "ddpm",
     **sample,
 ) -> Config:
-    """The run config of the tiny model; `sample` overrides keys of the `sample` section."""
+    """The run config of the tiny model; `sample` overrides keys of the `sample` section.
+    DDPM unless `formulation="edm"` (then sigma_data 0.5, the EDM sampler dpm++ as for DDPM)."""
     return config_from_dict(
         {
             "name": "tiny",
@@ -39,8 +42,11 @@ def tiny_config(
                 "attention_head_dim": 8,
                 "norm_num_groups": 8,
                 "mid_attention": False,
+                "time_scale_shift": "default",
             },
             "schedule": {
+                "formulation": formulation,
+                "sigma_data": 0.5 if formulation == "edm" else None,
                 "num_train_timesteps": num_train_timesteps,
                 "beta_schedule": beta_schedule,
                 "prediction_type": prediction_type,
@@ -51,7 +57,7 @@ def tiny_config(
 
 
 def tiny_pipeline(cfg: Config | None = None, train_steps: int = 20, seed: int = 0) -> ConditionalDDPMPipeline:
-    """A ConditionalDDPMPipeline (UNet in eval mode + training DDPMScheduler) after `train_steps` steps."""
+    """A ConditionalDDPMPipeline (UNet in eval mode + training scheduler) after `train_steps` steps."""
     cfg = cfg or tiny_config()
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
@@ -68,6 +74,12 @@ def tiny_pipeline(cfg: Config | None = None, train_steps: int = 20, seed: int = 
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     unet.train()
     for _ in range(train_steps):
+        if cfg.schedule.formulation == "edm":
+            loss = edm_loss(unet, scheduler, x0, labels, gen, cfg.schedule.p_mean, cfg.schedule.p_std)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            continue
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         xt = scheduler.add_noise(x0, noise, t)

@@ -124,6 +124,7 @@ def train(
     dataset: Any = None,  # a Dataset of (image in [-1, 1], multi-hot) pairs instead of cfg.data
     on_log: Callable[[int, torch.nn.Module], dict] | None = None,  # extra metrics.jsonl fields per log line
     interrupt_after: int | None = None,  # tests: raise KeyboardInterrupt after this step
+    clock: Callable[[], float] = time.perf_counter,  # seconds; tests drive the time budget with their own
 ) -> TrainResult:
     """Train a label-conditional DDPM and leave a resumable, exportable run folder behind."""
     from accelerate import Accelerator
@@ -198,6 +199,7 @@ def train(
         _apply_lr(lr_sched, opt)
     model, opt = accelerator.prepare(model, opt)
     ema.to(accelerator.device)
+    cfg = _with_sigma_data(cfg, source, data, emit)  # EDM: measured once, then kept in config and checkpoints
     noise_sched = make_train_scheduler(cfg.schedule)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -231,21 +233,21 @@ def train(
             from iclevr_diffusion.images import save_grid
             from iclevr_diffusion.report import plot_loss
 
-            start = time.perf_counter()
+            start = clock()
             with ema_weights(unwrapped, ema):
                 images = sample_images(unwrapped, noise_sched, cfg)
             save_grid(images, paths.samples / f"{ckpt.step_dir_name(state['step'])}.png")
             plot_loss(paths.metrics, run_dir / "loss.png")
-            grid_s[0] = time.perf_counter() - start
+            grid_s[0] = clock() - start
         accelerator.wait_for_everyone()
 
     budget_s = t_cfg.max_minutes * 60 if t_cfg.max_minutes else None
     plan_by_time = budget_s is not None and horizon is None  # max_steps / epochs fix the horizon otherwise
-    start_step, start_time = state["step"], time.perf_counter()
+    start_step, start_time = state["step"], clock()
     elapsed0 = state["elapsed_s"]
     emit("start", step=state["step"], total=state["horizon"], budget_s=budget_s, mixed_precision=mp,
          world=world, resumed_from=str(source["path"]) if source else None)
-    window_loss, window_n, window_t, window_images = 0.0, 0, time.perf_counter(), 0
+    window_loss, window_n, window_t, window_images = 0.0, 0, clock(), 0
     last_loss, last_ips = None, None
     saved_step = state["step"] if source else -1
     stopped_by = _stop_reason(state, cfg, steps_per_epoch, budget_s)
@@ -267,7 +269,8 @@ def train(
                 state["batch"] += 1
                 with accelerator.accumulate(model):
                     labels = drop_labels(labels, t_cfg.label_dropout, gen)
-                    loss = diffusion_loss(model, noise_sched, images, labels, gen, t_cfg.min_snr_gamma)
+                    loss = diffusion_loss(model, noise_sched, images, labels, gen, t_cfg.min_snr_gamma,
+                                          cfg.schedule.p_mean, cfg.schedule.p_std)
                     if not _all_finite(accelerator, loss):
                         if t_cfg.nan_policy == "stop":
                             last = ckpt.list_checkpoints(paths.checkpoints)
@@ -295,11 +298,11 @@ def train(
                 state["step"] += 1
                 step = state["step"]
                 at_step = {"pos": {"epoch": state["epoch"], "batch": state["batch"]}, "rng": ckpt.capture_rng(gen)}
-                state["elapsed_s"] = elapsed0 + time.perf_counter() - start_time
+                state["elapsed_s"] = elapsed0 + clock() - start_time
                 if step - start_step == PROBE_SKIP:  # the first steps are slow (lazy init): time the next ones
-                    probe = (step, time.perf_counter())
+                    probe = (step, clock())
                 if plan_by_time and probe and step >= probe[0] + PROBE_STEPS and step >= replan_at:
-                    now = time.perf_counter()
+                    now = clock()
                     planned = _planned_horizon(step, (step - probe[0]) / (now - probe[1]), budget_s,
                                                state["elapsed_s"])
                     state["horizon"] = _agree(accelerator, planned)
@@ -310,7 +313,7 @@ def train(
                     lr_sched = _with_horizon(lr_sched, opt, t_cfg.warmup_steps, state["horizon"])
                     emit("horizon", total=state["horizon"])
                 if step % t_cfg.log_every == 0 or step == 1:
-                    now = time.perf_counter()
+                    now = clock()
                     last_loss, last_ips = window_loss / max(window_n, 1), window_images / max(now - window_t, 1e-9)
                     if main:
                         row = {"step": step, "epoch": state["epoch"], "loss": last_loss,
@@ -319,11 +322,11 @@ def train(
                         if on_log is not None:  # e.g. compare-timesteps' fixed-noise-level probe (raw weights)
                             row.update(on_log(step, unwrapped) or {})
                         paths.log(row)
-                    window_loss, window_n, window_t, window_images = 0.0, 0, time.perf_counter(), 0
-                eta = _eta(state, budget_s, step - start_step, time.perf_counter() - start_time)
+                    window_loss, window_n, window_t, window_images = 0.0, 0, clock(), 0
+                eta = _eta(state, budget_s, step - start_step, clock() - start_time)
                 emit("step", step=step, loss=loss.item(), images_per_s=last_ips, elapsed_s=state["elapsed_s"],
                      eta_s=eta)
-                busy = time.perf_counter()  # grids, checkpoints and evaluations do not count in images/s
+                busy = clock()  # grids, checkpoints and evaluations do not count in images/s
                 if t_cfg.checkpoint_every and step % t_cfg.checkpoint_every == 0:
                     save_all("scheduled")
                     saved_step = step
@@ -336,7 +339,7 @@ def train(
                     root = getattr(data, "root", cfg.data.root)
                     evaluate_hook(unwrapped, ema, noise_sched, cfg, run_dir, step, emit, main, root)
                     accelerator.wait_for_everyone()
-                window_t += time.perf_counter() - busy
+                window_t += clock() - busy
                 if interrupt_after is not None and step >= interrupt_after:
                     raise KeyboardInterrupt
                 reason = "interrupted" if sigint.hit else _stop_reason(state, cfg, steps_per_epoch, budget_s, grid_s[0])
@@ -370,6 +373,29 @@ def train(
     emit("end", result=result)
     accelerator.end_training()
     return result
+
+
+def _with_sigma_data(cfg: Config, source: dict | None, data, emit: Progress) -> Config:
+    """EDM needs sigma_data, the std of the training pixels: the config's, else the checkpoint's (a resumed
+    run), else measured on the dataset now. Returned in a copy of the config, which every run file records."""
+    sch = cfg.schedule
+    if sch.formulation != "edm" or sch.sigma_data is not None:
+        return cfg
+    import copy
+
+    import yaml
+
+    from iclevr_diffusion.edm import measure_sigma_data
+
+    value = None
+    if source is not None and source.get("config"):
+        value = config_from_dict(yaml.safe_load(source["config"])).schedule.sigma_data
+    if value is None:
+        value = measure_sigma_data(data)
+        emit("note", message=f"sigma_data {value} (std of the training pixels, measured on up to 1,024 images)")
+    cfg = copy.deepcopy(cfg)
+    cfg.schedule.sigma_data = value
+    return cfg
 
 
 def _micro_batch(batch_size: int, grad_accum: int, world: int) -> int:
@@ -529,7 +555,9 @@ def _check_compatible(cfg: Config, source: dict, run_dir: Path) -> None:
     old = config_from_dict(yaml.safe_load(source["config"]))
     for section in ("model", "schedule"):
         a, b = getattr(old, section), getattr(cfg, section)
-        diff = [k for k in vars(a) if getattr(a, k) != getattr(b, k)]
+        # sigma_data left to be measured (None) takes the checkpoint's measured value
+        diff = [k for k in vars(a)
+                if getattr(a, k) != getattr(b, k) and not (k == "sigma_data" and getattr(b, k) is None)]
         if diff:
             k = diff[0]
             raise IclevrError(

@@ -17,7 +17,8 @@ from typing import Any
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.labels import LABEL_INDEX, packaged_file, parse_labels, to_multi_hot
 
-SPLITS = ("test", "new_test")
+SPLITS = ("test", "new_test")  # the course's condition files, for reporting
+VALIDATION = "val"  # our packaged validation conditions, for choosing recipes (data/synthetic.validation_conditions)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -37,12 +38,12 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def load_conditions(split: str | None = None, file: str | Path | None = None) -> list[list[str]]:
-    """Label lists of a packaged split ('test', 'new_test') or of a user's condition file."""
+    """Label lists of a packaged split ('test', 'new_test', 'val') or of a user's condition file."""
     if (split is None) == (file is None):
-        raise IclevrError("Give either a split (--split test|new_test) or a condition file (--conditions).")
+        raise IclevrError("Give either a split (--split test|new_test|val) or a condition file (--conditions).")
     if split is not None:
-        if split not in SPLITS:
-            raise IclevrError(f"Unknown split '{split}'; choose one of: {', '.join(SPLITS)}.")
+        if split not in (*SPLITS, VALIDATION):
+            raise IclevrError(f"Unknown split '{split}'; choose one of: {', '.join((*SPLITS, VALIDATION))}.")
         path = Path(str(packaged_file(f"{split}.json")))
     else:
         path = Path(file)

@@ -47,7 +47,7 @@ GAP = 0.15  # least space between two footprints
 MIN_VISIBLE = 0.75  # no object may be more than a quarter hidden behind the others
 MIN_SAMPLES = 30  # ... nor show fewer samples than this at the check resolution
 CHECK_SIZE = (96, 72)  # occlusion is judged here, so layouts do not depend on --size
-TRAIN, HELDOUT = 0, 1  # seed streams
+TRAIN, HELDOUT, VALIDATION = 0, 1, 2  # seed streams
 BLOCK = 32  # scenes per work item
 DATASET_VERSION = 1  # bump when the pictures or the sampling change (invalidates the cache)
 CACHE_ENV = "ICLEVR_CACHE_DIR"
@@ -66,6 +66,20 @@ def scene_labels(seed: int, index: int, stream: int = TRAIN) -> list[str]:
     group, k = divmod(index, 24 // OBJECTS_PER_SCENE)
     deck = np.random.default_rng([seed, stream, 1, group]).permutation(len(LABELS))
     return [LABELS[c] for c in deck[k * OBJECTS_PER_SCENE : (k + 1) * OBJECTS_PER_SCENE]]
+
+
+def validation_conditions(scenes: int = 100, seed: int = 0) -> list[list[str]]:
+    """The `val` split: label sets drawn like the training data (each scene's first 1, 2 and 3 classes, as
+    train.json lists a scene growing one object at a time) from a stream of its own, without those in
+    test.json or new_test.json. For choosing recipes, so that test / new_test stay for reporting."""
+    from iclevr_diffusion.data.iclevr import load_conditions
+
+    reported = {frozenset(c) for split in ("test", "new_test") for c in load_conditions(split)}
+    out = []
+    for i in range(scenes):
+        labels = scene_labels(seed, i, VALIDATION)
+        out += [labels[:k] for k in (1, 2, 3) if frozenset(labels[:k]) not in reported]
+    return out
 
 
 class SceneSampler:

@@ -38,6 +38,13 @@ def run(
     from iclevr_diffusion.training import train
     from iclevr_diffusion.workflows.train import train_progress
 
+    if cfg.schedule.formulation != "ddpm":
+        from iclevr_diffusion.errors import IclevrError
+
+        raise IclevrError(
+            f"compare-timesteps studies the DDPM timestep count T; schedule.formulation={cfg.schedule.formulation} "
+            "has continuous noise levels. Use schedule.formulation=ddpm (the compare-timesteps preset does)."
+        )
     values = ex.parse_timesteps(timesteps)
     names = ex.parse_schedules(schedules)
     out = Path(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,10 +22,23 @@ from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
+LOG_TABLE_WIDTH = 240  # the widest a table gets in a log file or pipe
+
+
+class _Table(Table):
+    """A rich Table that, written to a file or pipe (no terminal, so rich assumes 80 columns), takes the
+    width its cells need (up to LOG_TABLE_WIDTH) instead of truncating headers to "accur…"."""
+
+    def __rich_console__(self, console, options):
+        if not console.is_terminal:
+            need = console.measure(self, options=options.update(width=LOG_TABLE_WIDTH)).maximum
+            if need > options.max_width:
+                options = options.update(width=need)
+        yield from super().__rich_console__(console, options)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
-    t = Table(title=title, title_justify="left")
+    t = _Table(title=title, title_justify="left")
     for c in columns:
         t.add_column(c)
     for row in rows:
@@ -43,11 +57,37 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def duration(seconds: float) -> str:
+    """45s, 3m 05s, 1h 02m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def plain_line(message: str) -> None:
+    """One line on stderr, as it is (no markup), flushed at once: for logs."""
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
+    err.file.flush()
+
+
 @contextmanager
-def progress_bar(description: str, total: int | None, quiet: bool = False, extra: str = "") -> Iterator:
-    """A rich progress bar on stderr; yields an `advance(n=1, **fields)` callback. Quiet: a no-op."""
+def progress_bar(
+    description: str, total: int | None, quiet: bool = False, extra: str = "", log_every: float | None = None
+) -> Iterator:
+    """A rich progress bar on stderr; yields an `advance(n=1, **fields)` callback. Quiet: a no-op.
+
+    log_every: when stderr is no terminal (a log file, a pipe, nohup), where a bar cannot redraw,
+    print a plain line "DESCRIPTION: done/total, rate/s, about T left" at most every LOG_EVERY
+    seconds and when done, instead of the bar.
+    """
     if quiet:
         yield lambda n=1, **fields: None
+        return
+    if log_every is not None and not err.is_terminal:
+        yield _plain_progress(description, total, log_every)
         return
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -66,6 +106,29 @@ def progress_bar(description: str, total: int | None, quiet: bool = False, extra
             progress.update(task, advance=n, **fields)
 
         yield advance
+
+
+def _plain_progress(description: str, total: int | None, every: float):
+    state = {"done": 0, "total": total, "last": time.monotonic(), "start": time.monotonic()}
+
+    def advance(n: int = 1, completed: int | None = None, total: int | None = None, **fields) -> None:
+        state["done"] = completed if completed is not None else state["done"] + n
+        if total is not None:
+            state["total"] = total
+        now, done, whole = time.monotonic(), state["done"], state["total"]
+        finished = whole is not None and done >= whole
+        if not finished and now - state["last"] < every:
+            return
+        state["last"] = now
+        rate = done / max(now - state["start"], 1e-9)
+        parts = [f"{description}: {done}/{whole if whole is not None else '?'}", f"{rate:.1f}/s"]
+        if finished:
+            parts.append(f"done in {duration(now - state['start'])}")
+        elif whole is not None and rate > 0:
+            parts.append(f"about {duration((whole - done) / rate)} left")
+        plain_line(", ".join(parts))
+
+    return advance
 
 
 def _blank_fields(extra: str) -> dict[str, str]:

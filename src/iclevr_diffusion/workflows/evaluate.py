@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.workflows.console import err, print_json, progress_bar, table
 from iclevr_diffusion.workflows.console import out as stdout
+from iclevr_diffusion.workflows.console import plain_line, print_json, progress_bar, table
+from iclevr_diffusion.workflows.train_evaluator import LOG_EVERY, evaluator_progress, synthetic_root
 
 
 def condition_sets(splits: list[str], conditions: Path | None, default: list[str]) -> list[tuple[str, list]]:
@@ -44,13 +45,12 @@ def choose_evaluator(evaluator, root: Path | None, device, quiet: bool, scenes: 
     """(network, EvaluatorChoice) as evaluation.resolve_evaluator picks it, with progress bars for the
     first-use rendering of the built-in set and training of its evaluator."""
     from iclevr_diffusion.evaluation import resolve_evaluator
-    from iclevr_diffusion.workflows.train_evaluator import evaluator_progress, synthetic_root
 
     if evaluator is None and root is None:
         synthetic_root(quiet, scenes)  # renders the built-in set on first use, with a bar
     with evaluator_progress(quiet) as report:
         return resolve_evaluator(evaluator, root, device, train_progress=report,
-                                 note=None if quiet else err.print, synthetic_scenes=scenes or 6003)
+                                 note=None if quiet else plain_line, synthetic_scenes=scenes or 6003)
 
 
 def run(
@@ -119,7 +119,7 @@ def run(
             if pipe is None:
                 imgs = loaded[name]
             else:
-                with progress_bar(f"{name} seed {s}", len(conds) * steps, quiet) as advance:
+                with progress_bar(f"{name} seed {s}", len(conds) * steps, quiet, log_every=LOG_EVERY) as advance:
                     imgs = sampling.generate(pipe, conds, sampler, steps, guidance, s, batch, progress=advance)
             score = score_images(net, imgs, targets)
             secs.append(time.perf_counter() - started)  # sampling + scoring
@@ -169,8 +169,11 @@ def print_tables(report: dict) -> None:
             return f"{r['accuracy']:.2%} ± {r['accuracy_std']:.2%} ({len(r['accuracies'])} seeds)"
         return f"{r['accuracy']:.2%}"
 
+    from iclevr_diffusion.evaluation import ARCH_NAMES
+
     ev = report["evaluator"]
-    kind = {"own": "own ResNet18", "official": "official"}.get(ev["kind"]) or Path(ev["path"]).name
+    arch = ARCH_NAMES.get(ev.get("arch") or "", "ResNet18")
+    kind = {"own": f"own {arch}", "official": "official"}.get(ev["kind"]) or Path(ev["path"]).name
     cols = ["split", "images", "labels", "accuracy", "evaluator", "sampler", "steps", "guidance", "seconds"]
     rows = [
         [r["split"], r["images"], r["labels"], acc(r), kind, r["sampler"] or "-", r["steps"] or "-",

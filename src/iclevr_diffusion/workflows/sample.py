@@ -24,7 +24,7 @@ from iclevr_diffusion.io import write_json
 from iclevr_diffusion.labels import parse_labels
 from iclevr_diffusion.workflows import console
 
-RESERVED = ("labels", "test", "new_test")
+RESERVED = ("labels", "test", "new_test", "val")
 
 
 def collect_groups(

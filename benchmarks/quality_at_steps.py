@@ -1,0 +1,197 @@
+"""Quality at a number of optimizer steps (machine-independent): recipes side by side, one script run.
+
+    python benchmarks/quality_at_steps.py                                   # the issue's table
+    python benchmarks/quality_at_steps.py --splits val --seeds 2 --steps 1150 \\
+        --recipes ddpm-minsnr,edm,edm-adagn --out benchmarks/results/recipe_choice.json   # choose a recipe
+    python benchmarks/quality_at_steps.py --smoke                           # tiny model and data, seconds
+
+Each recipe is the `default` preset with a few overrides (RECIPES below; "default" is the preset as
+shipped). For every step count it trains its own run of exactly that many optimizer steps of batch 16
+on the built-in synthetic data (train.max_steps, no time budget, so the learning rate anneals at that
+step as it would in a run of that length; runs/quality-at-steps/<recipe>-<steps>/, resumed if there),
+then samples every condition of each split with the recipe's own sampler, steps and guidance for
+--seeds seeds and scores them with the toolkit's evaluator (the one `iclevr-diff evaluate` picks).
+Spread is the population standard deviation over seeds, as everywhere in BENCHMARKS.md.
+
+Steps are the machine-independent measure: 1,150 / 5,200 / 22,700 steps are what the 14-minute main
+job does on the slow (AVX2) CPU, on the fast (AVX-512 bf16) one, and 60 minutes on the fast one.
+Wall-clock figures of the machine it ran on are recorded beside them. Choose recipes on `val` (our
+validation conditions, none in test/new_test); report test and new_test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+from machine_info import machine
+from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
+
+from iclevr_diffusion.config import load_config
+from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.io import write_json
+from iclevr_diffusion.sampling import load_pipeline
+from iclevr_diffusion.training import train
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+_DDPM = ["schedule.formulation=ddpm", "train.min_snr_gamma=5.0", "sample.sampler=ddim", "sample.steps=25",
+         "sample.guidance_scale=3.0"]
+_EDM = ["schedule.formulation=edm", "train.min_snr_gamma=null", "sample.sampler=heun", "sample.steps=18",
+        "sample.guidance_scale=3.0"]
+RECIPES: dict[str, list[str]] = {
+    "default": [],  # the shipped preset, whatever it is
+    # the default until this change: epsilon DDPM, min-SNR 5, lr 1e-3, DDIM 25
+    "ddpm-minsnr": [*_DDPM, "model.time_scale_shift=default", "train.lr=0.001"],
+    "edm": [*_EDM, "model.time_scale_shift=default", "train.lr=0.001"],
+    "edm-adagn": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.001"],
+    "edm-adagn-lr2e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002"],
+    "edm-adagn-lr2e-3-p08": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002", "schedule.p_mean=-0.8",
+                             "schedule.p_std=1.6"],
+}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default="ddpm-minsnr,default", help=f"comma-separated, of: {', '.join(RECIPES)}")
+    p.add_argument("--steps", default="1150,5200", help="optimizer steps per run (each its own run)")
+    p.add_argument("--splits", default="test,new_test", help="test, new_test and/or val")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--runs", type=Path, default=Path("runs/quality-at-steps"), help="where the runs go")
+    p.add_argument("--set", action="append", default=[], help="extra section.key=value for every recipe")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64, help="sampling batch")
+    p.add_argument("--train-only", action="store_true", help="train the runs, score nothing (score in a later call)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and data, random evaluator: seconds")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/)")
+    args = p.parse_args(argv)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}.")
+    steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    base, limit = [], None  # overrides under the recipe's (--set goes over both)
+    if args.smoke:
+        data, tiny = smoke_dataset(args.runs.parent / "smoke-data")
+        base = [*tiny, f"data.root={data}"]
+        steps_list, args.seeds, limit = [2, 4], 2, 4
+    out = args.out or RESULTS / f"quality_at_steps{'-smoke' if args.smoke else ''}.json"
+
+    net, evaluator_name, rows, trained = None, None, [], []
+    if out.is_file() and not args.smoke:  # rows an earlier call scored with the same seeds are kept, not redone
+        import json
+
+        earlier = json.loads(out.read_text())
+        if earlier.get("seeds") == args.seeds:
+            rows, trained = earlier.get("rows", []), earlier.get("trained", [])
+    for recipe in recipes:
+        for steps in steps_list:
+            overrides = [*base, *RECIPES[recipe], *args.set, f"train.max_steps={steps}", "train.max_minutes=null",
+                         f"name={recipe}-{steps}"]
+            if args.smoke:  # the tiny model samples with few steps
+                overrides.append("sample.steps=2")
+            cfg = load_config("default", overrides)
+            if args.device != "auto":
+                cfg.device = args.device
+            run = args.runs / f"{recipe}-{steps}"
+            result = train(cfg, run)
+            trained = [t for t in trained if (t["recipe"], t["steps"]) != (recipe, result.step)]
+            trained.append({"recipe": recipe, "steps": result.step, "elapsed_s": round(result.elapsed_s, 1),
+                            "images_per_s_overall": round(result.step * cfg.train.batch_size / result.elapsed_s, 1),
+                            "images_per_s_last": _last_logged(run, "images_per_s"),
+                            "mixed_precision": result.mixed_precision, "run": str(run), "overrides": RECIPES[recipe]})
+            print(f"trained {recipe} {steps} steps in {result.elapsed_s:.0f} s", file=sys.stderr, flush=True)
+            if args.train_only:
+                continue
+            if net is None:
+                root = Path(cfg.data.root) if cfg.data.root else None
+                net, evaluator_name = benchmark_evaluator(args.smoke, None, root, args.device,
+                                                          cfg.data.synthetic_scenes)
+            pipe, run_cfg, _ = load_pipeline(run, device=args.device)
+            s = run_cfg.sample
+            done = {r["split"] for r in rows
+                    if (r.get("recipe_name", r["recipe"]), r["steps"]) == (recipe, result.step)}
+            sets = [(name, load_conditions(split=name)[:limit]) for name in splits if name not in done]
+            if not sets:
+                continue
+            per_seed = [split_accuracy(pipe, net, sets, s.sampler, s.steps, s.guidance_scale, seed, args.batch_size)
+                        for seed in range(args.seeds)]
+            for name, conds in sets:
+                values = [100 * r["accuracy"][name] for r in per_seed]
+                rows.append({"recipe": recipe, "steps": result.step, "split": name, "conditions": len(conds),
+                             "mean": round(statistics.mean(values), 2), "spread": round(statistics.pstdev(values), 2),
+                             "seeds": [round(v, 2) for v in values], "sampler": s.sampler, "sampler_steps": s.steps,
+                             "guidance": s.guidance_scale})
+                print(f"{recipe} {steps}: {name} {rows[-1]['mean']:.1f} ± {rows[-1]['spread']:.1f}",
+                      file=sys.stderr, flush=True)
+            write_json(out, _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe))
+    if args.train_only:
+        return {"trained": trained}
+    result = _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe)
+    print_table(result)
+    write_json(out, result)
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+def _last_logged(run: Path, key: str):
+    """The last metrics.jsonl value of `key` (a finished run that is only reused reports no speed itself)."""
+    import json
+
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    value = json.loads(lines[-1]).get(key) if lines else None
+    return round(value, 1) if isinstance(value, (int, float)) else None
+
+
+def is_shipped_default(recipe: str) -> bool:
+    """Whether a recipe trains exactly what the shipped `default` preset does (then its rows say "default")."""
+    sections = ("model", "schedule", "train", "sample")
+    mine, shipped = load_config("default", RECIPES[recipe]).to_dict(), load_config("default").to_dict()
+    return all(mine[s] == shipped[s] for s in sections)
+
+
+def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe) -> dict:
+    for row in rows:  # label by what the recipe is today: the shipped default or not
+        row["recipe_name"] = row.get("recipe_name", row["recipe"])
+        row["recipe"] = "default" if is_shipped_default(row["recipe_name"]) else row["recipe_name"]
+    return {
+        "benchmark": "quality_at_steps",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(str(pipe.unet.device)),
+        "recipes": {r: RECIPES[r] for r in dict.fromkeys([*(t["recipe"] for t in trained), *recipes])},
+        "steps": sorted({t["steps"] for t in trained} | set(steps_list)),
+        "batch_size": 16,
+        "splits": list(dict.fromkeys([*(r["split"] for r in rows), *splits])),
+        "seeds": args.seeds,
+        "spread": "population standard deviation over seeds, percentage points",
+        "evaluator": evaluator_name,
+        "trained": trained,
+        "rows": rows,
+    }
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"quality at steps ({result['seeds']} seeds, mean ± population SD, {result['evaluator']})")
+    for col in ("recipe", "steps", *result["splits"]):
+        t.add_column(col, justify="right")
+    keys = dict.fromkeys((r["recipe"], r["steps"]) for r in result["rows"])
+    for recipe, steps in keys:
+        cells = []
+        for split in result["splits"]:
+            row = next((r for r in result["rows"] if (r["recipe"], r["steps"], r["split"]) == (recipe, steps, split)),
+                       None)
+            cells.append(f"{row['mean']:.1f}% ± {row['spread']:.1f}" if row else "-")
+        t.add_row(recipe, f"{steps:,}", *cells)
+    Console(width=120).print(t)
+
+
+if __name__ == "__main__":
+    main()

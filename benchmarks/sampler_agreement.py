@@ -1,0 +1,142 @@
+"""Do the samplers agree on one model? Every offered sampler at its default step count, a long stochastic
+reference, fp32 against bf16, and accuracy against guidance 1-5 (a PNG).
+
+    python benchmarks/sampler_agreement.py --model runs/quality-at-steps/default-5200
+    python benchmarks/sampler_agreement.py --smoke            # tiny model and data, seconds
+
+Accuracy is pooled over test and new_test (all hits over all 156 asked-for objects) per seed, then
+mean and spread (population standard deviation) over --seeds seeds, scored with the toolkit's
+evaluator. Writes benchmarks/results/sampler_agreement.json and docs/guidance.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+from machine_info import machine
+from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
+
+from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.io import write_json
+from iclevr_diffusion.samplers import samplers_for
+from iclevr_diffusion.sampling import default_steps, load_pipeline
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=Path("runs/quality-at-steps/default-5200"))
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--reference", default="dpm++sde:250", help="stochastic reference sampler:steps")
+    p.add_argument("--guidance", default="1,1.5,2,3,4,5", help="guidance scales for the curve")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--smoke", action="store_true", help="train a tiny model first; random evaluator")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="guidance curve PNG (default docs/guidance.png)")
+    args = p.parse_args(argv)
+    limit = None
+    if args.smoke:
+        args.model = _smoke_model(args.model.parent / "smoke-agreement")
+        args.seeds, args.reference, args.guidance, limit = 2, "dpm++sde:4", "1,3", 4
+    out = args.out or RESULTS / f"sampler_agreement{'-smoke' if args.smoke else ''}.json"
+    plot = args.plot or (RESULTS / "guidance-smoke.png" if args.smoke else HERE.parent / "docs" / "guidance.png")
+
+    pipe, cfg, folder = load_pipeline(args.model, device=args.device)
+    root = Path(cfg.data.root) if cfg.data.root else None
+    net, evaluator_name = benchmark_evaluator(args.smoke, None, root, args.device, cfg.data.synthetic_scenes)
+    sets = [(s, load_conditions(split=s)[:limit]) for s in ("test", "new_test")]
+    labels = {name: sum(len(c) for c in conds) for name, conds in sets}
+    smoke_steps = 2 if args.smoke else None
+
+    def pooled(sampler: str, steps: int, guidance: float, autocast: bool | None = None) -> dict:
+        values, seconds = [], []
+        for seed in range(args.seeds):
+            r = split_accuracy(pipe, net, sets, sampler, steps, guidance, seed, args.batch_size, autocast)
+            hits = sum(r["accuracy"][name] * labels[name] for name in labels)
+            values.append(100 * hits / sum(labels.values()))
+            seconds.append(r["seconds_per_image"])
+        row = {"name": sampler, "steps": steps, "guidance": guidance,
+               "precision": "fp32" if autocast is False else "bf16" if _bf16(pipe) else "fp32",
+               "accuracy": round(statistics.mean(values), 2), "spread": round(statistics.pstdev(values), 2),
+               "seeds": [round(v, 2) for v in values], "seconds_per_image": round(statistics.mean(seconds), 4)}
+        print(f"{sampler}-{steps} w{guidance:g} {row['precision']}: {row['accuracy']:.1f} ± {row['spread']:.1f}",
+              file=sys.stderr, flush=True)
+        return row
+
+    w = cfg.sample.guidance_scale
+    rows = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w) for s in samplers_for(pipe.scheduler)]
+    ref_name, ref_steps = args.reference.split(":")
+    reference = pooled(ref_name, int(ref_steps), w)
+    default = next(r for r in rows if r["name"] == cfg.sample.sampler)
+    fp32 = pooled(cfg.sample.sampler, default["steps"], w, autocast=False)
+    curve = [pooled(cfg.sample.sampler, default["steps"], float(g)) for g in args.guidance.split(",")]
+    best = max(r["accuracy"] for r in rows)
+    result = {
+        "benchmark": "sampler_agreement",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(str(pipe.unet.device)),
+        "model": cfg.name,
+        "model_dir": str(folder),
+        "evaluator": evaluator_name,
+        "seeds": args.seeds,
+        "accuracy": "pooled test + new_test (hits / asked-for objects), percent; spread: population SD over seeds",
+        "samplers": rows,
+        "reference": reference,
+        "fp32": fp32,
+        "guidance_curve": curve,
+        "checks": {
+            "every sampler within 3 points of the best": all(best - r["accuracy"] <= 3 for r in rows),
+            "reference not worse than the default by more than 3 points": default["accuracy"] - reference["accuracy"]
+            <= 3,
+            "fp32 and bf16 within 3 points": abs(fp32["accuracy"] - default["accuracy"]) <= 3,
+        },
+    }
+    _plot(curve, plot, cfg.sample.sampler, default["steps"], args.seeds)
+    result["plot"] = str(plot)
+    write_json(out, result)
+    print(f"wrote {out} and {plot}", file=sys.stderr)
+    return result
+
+
+def _bf16(pipe) -> bool:
+    from iclevr_diffusion.pipeline import autocast_default
+
+    return autocast_default(pipe.unet.device)
+
+
+def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4), dpi=120)
+    ax = fig.add_subplot()
+    xs = [r["guidance"] for r in curve]
+    ax.errorbar(xs, [r["accuracy"] for r in curve], yerr=[r["spread"] for r in curve], marker="o", capsize=3)
+    ax.set_xlabel("classifier-free guidance scale")
+    ax.set_ylabel("accuracy, test + new_test (%)")
+    ax.set_title(f"{sampler} {steps} steps, {seeds} seeds (mean ± SD)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def _smoke_model(run: Path) -> Path:
+    from iclevr_diffusion.config import load_config
+    from iclevr_diffusion.training import train
+
+    data, tiny = smoke_dataset(run.parent / "smoke-data")
+    cfg = load_config("default", [*tiny, f"data.root={data}", "schedule.formulation=edm", "train.min_snr_gamma=null",
+                                  "sample.sampler=heun", "sample.steps=2", "train.max_steps=4"])
+    train(cfg, run)
+    return run
+
+
+if __name__ == "__main__":
+    main()

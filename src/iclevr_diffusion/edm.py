@@ -1,0 +1,195 @@
+"""The EDM formulation (Karras et al. 2022, "Elucidating the design space of diffusion models").
+
+The image is noised as x = y + sigma * n and the network F never predicts the noise itself: the
+denoiser is
+
+    D(x; sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x; c_noise(sigma))
+
+with c_skip, c_out and c_in chosen so that F's input and training target have unit variance at every
+sigma (sigma_data is the standard deviation of the training pixels). The clean-image estimate D is
+therefore bounded at every noise level, unlike an epsilon model's x0 = (x - sqrt(1 - a) eps) /
+sqrt(a), which multiplies the noise error by ~160 at t = T on the linear DDPM schedule: every
+sampler, not only DDIM with its clip, gets a sane estimate to step with.
+
+Training draws ln(sigma) ~ N(P_mean, P_std^2), which puts most samples at the middle noise levels
+where objects are decided, and weights the loss by (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2,
+which makes the loss on F a plain MSE.
+
+diffusers' EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) apply c_in in
+`scale_model_input`, hand the network timestep c_noise = ln(sigma) / 4 and apply c_skip / c_out in
+`step`, so the sampling loop is the usual diffusers one. EDM's own deterministic 2nd-order Heun
+sampler, which diffusers lacks for EDM sigmas, is `EDMHeunScheduler` below, in the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
+
+# ConditionalUNet multiplies its timestep by this for EDM models: c_noise = ln(sigma) / 4 spans about
+# [-1.6, 1.1] for sigma in [0.002, 80], which would leave all but the highest frequencies of the UNet's
+# sinusoidal time embedding (periods up to 10,000) constant; x250 spreads it over ~660 units, the
+# same order as the 1,000 DDPM timesteps the embedding was designed for.
+EDM_TIMESTEP_SCALE = 250.0
+
+# The samplers an EDM model offers (make_edm_sampler); DDPM models have their own (samplers.py).
+EDM_SAMPLERS = ("heun", "euler", "dpm++", "dpm++sde")
+# Their step counts when --steps is not given for a sampler other than the config's: Heun 18 steps is 35
+# network evaluations (EDM's choice at 32x32-64x64); the first-order Euler and the stochastic DPM-Solver++
+# SDE get the same 35, the 2nd-order multistep DPM-Solver++ (one evaluation a step) 25.
+EDM_DEFAULT_STEPS = {"heun": 18, "euler": 35, "dpm++": 25, "dpm++sde": 35}
+
+
+def c_skip(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return sigma_data**2 / (sigma**2 + sigma_data**2)
+
+
+def c_out(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+
+
+def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    return 1 / (sigma**2 + sigma_data**2).sqrt()
+
+
+def c_noise(sigma: torch.Tensor) -> torch.Tensor:
+    return sigma.log() / 4
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """EDM's lambda(sigma) on ||D - y||^2; it equals 1 / c_out^2, so the loss on F is unweighted."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """D(x; sigma): the clean image the model estimates from noisy `x` at noise levels `sigma` (B,)."""
+    s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
+    out = model(c_in(s, sigma_data) * x, c_noise(sigma), labels).to(x.dtype)
+    return c_skip(s, sigma_data) * x + c_out(s, sigma_data) * out
+
+
+def sample_sigmas(batch: int, p_mean: float, p_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training noise levels: ln(sigma) ~ N(p_mean, p_std^2)."""
+    return (torch.randn(batch, generator=generator) * p_std + p_mean).exp()
+
+
+def edm_loss(
+    model: torch.nn.Module,
+    scheduler: EDMEulerScheduler,  # carries sigma_data
+    images: torch.Tensor,  # clean images in [-1, 1], (B, 3, S, S)
+    labels: torch.Tensor,  # multi-hot (B, num_classes), already label-dropped if wanted
+    generator: torch.Generator | None = None,  # CPU generator for noise levels and noise
+    p_mean: float = -1.2,  # mean of ln(sigma)
+    p_std: float = 1.2,  # standard deviation of ln(sigma)
+) -> torch.Tensor:
+    """lambda(sigma) * ||D(y + sigma n; sigma) - y||^2, computed as the equal, better-conditioned
+    ||F - (y - c_skip x) / c_out||^2 (lambda * c_out^2 = 1)."""
+    sd = float(scheduler.config.sigma_data)
+    device = images.device
+    sigma = sample_sigmas(images.shape[0], p_mean, p_std, generator).to(device)
+    noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)
+    s = sigma.reshape(-1, 1, 1, 1)
+    noisy = images + s * noise
+    out = model(c_in(s, sd) * noisy, c_noise(sigma), labels).float()
+    target = (images - c_skip(s, sd) * noisy) / c_out(s, sd)
+    return F.mse_loss(out, target.float())
+
+
+def measure_sigma_data(dataset, images: int = 1024) -> float:
+    """Standard deviation of the training pixels (in [-1, 1]) over the first `images` of the dataset.
+
+    i-CLEVR scenes are mostly gray floor: about 0.2 for the built-in set, far from the 0.5 EDM assumes
+    for natural images; with the wrong value c_in and c_out no longer give unit variances."""
+    n = min(images, len(dataset))
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(n):
+        x = dataset[i][0].double()
+        total += float(x.sum())
+        total_sq += float((x * x).sum())
+        count += x.numel()
+    mean = total / count
+    return round(math.sqrt(max(total_sq / count - mean * mean, 1e-12)), 4)
+
+
+def make_edm_scheduler(sigma_data: float, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                       rho: float = 7.0) -> EDMEulerScheduler:
+    """The scheduler saved with an EDM model: it carries sigma_data and the sampling noise range."""
+    return EDMEulerScheduler(sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho,
+                             sigma_schedule="karras", prediction_type="epsilon", final_sigmas_type="zero")
+
+
+def make_edm_sampler(name: str, train_scheduler):
+    """A fresh EDM sampler `name` sharing `train_scheduler`'s sigma_data and noise range."""
+    config = train_scheduler.config
+    if name == "heun":
+        return EDMHeunScheduler.from_config(config)
+    if name == "euler":
+        return EDMEulerScheduler.from_config(config)
+    if name in ("dpm++", "dpm++sde"):
+        algorithm = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
+        return EDMDPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2)
+    raise ValueError(name)
+
+
+def is_edm(scheduler) -> bool:
+    return isinstance(scheduler, (EDMEulerScheduler, EDMDPMSolverMultistepScheduler))
+
+
+class EDMHeunScheduler(EDMEulerScheduler):
+    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1) as a diffusers scheduler.
+
+    For N steps over the Karras sigmas s_0 > ... > s_{N-1} > s_N = 0 it evaluates the network 2N - 1
+    times: an Euler step from s_i to s_{i+1}, then (unless s_{i+1} = 0) a correction with the slope at
+    s_{i+1}, averaged with the first. `timesteps` lists every evaluation, so the ordinary loop
+    (scale_model_input, network, step) runs it; `step` alternates between the two halves.
+    """
+
+    order = 2
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None):
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
+        steps = self.sigmas  # s_0 .. s_{N-1}, 0
+        # (sigma evaluated at, index i of the step it belongs to, is-correction) for every evaluation
+        self._plan = []
+        for i in range(len(steps) - 1):
+            self._plan.append((i, False))
+            if float(steps[i + 1]) > 0:
+                self._plan.append((i, True))
+        eval_sigmas = torch.stack([steps[i + 1] if corr else steps[i] for i, corr in self._plan])
+        self.timesteps = self.precondition_noise(eval_sigmas).to(device)
+        self._eval_sigmas = eval_sigmas
+        self._first = None  # (x_i, slope at s_i) between the two halves of a step
+        self._step_index = 0
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True between whole steps (diffusers' HeunDiscreteScheduler has the same flag)."""
+        return self._first is None
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        self.is_scale_input_called = True
+        return self.precondition_inputs(sample, self._eval_sigmas[self._step_index])
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
+        i, correction = self._plan[self._step_index]
+        s_i, s_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma = s_next if correction else s_i
+        sample = sample.to(torch.float32)
+        denoised = self.precondition_outputs(sample, model_output.float(), sigma)
+        slope = (sample - denoised) / sigma
+        if correction:
+            x_i, first_slope = self._first
+            prev = x_i + (s_next - s_i) * (first_slope + slope) / 2
+            self._first = None
+        else:
+            prev = sample + (s_next - s_i) * slope
+            if float(s_next) > 0:  # a correction at s_next follows; the last step (to 0) is Euler only
+                self._first = (sample, slope)
+        self._step_index += 1
+        if not return_dict:
+            return (prev, denoised)
+        return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
