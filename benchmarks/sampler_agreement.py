@@ -2,7 +2,14 @@
 reference, fp32 against bf16, and accuracy against guidance 1-5 (a PNG).
 
     python benchmarks/sampler_agreement.py --model runs/quality-at-steps/default-5200
+    python benchmarks/sampler_agreement.py --part samplers & python benchmarks/sampler_agreement.py \
+        --part reference,guidance --seeds 2 & wait; python benchmarks/sampler_agreement.py --merge
     python benchmarks/sampler_agreement.py --smoke            # tiny model and data, seconds
+
+--part runs a share of the work (samplers: every sampler and the fp32 row; reference; guidance) into
+results/sampler_agreement.<part>.json, so two one-thread processes can share a 2-core CPU (on this
+project's Intel machine two one-thread processes do twice the work of one two-thread process);
+--merge joins the parts into sampler_agreement.json and checks the targets.
 
 Accuracy is pooled over test and new_test (all hits over all 156 asked-for objects) per seed, then
 mean and spread (population standard deviation) over --seeds seeds, scored with the toolkit's
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -39,6 +47,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="train a tiny model first; random evaluator")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--part", default="samplers,reference,guidance", help="which rows to run (comma-separated)")
+    p.add_argument("--merge", action="store_true", help="join the --part files into the results file")
     p.add_argument("--plot", type=Path, default=None, help="guidance curve PNG (default docs/guidance.png)")
     args = p.parse_args(argv)
     limit = None
@@ -71,12 +81,32 @@ def main(argv=None) -> dict:
         return row
 
     w = cfg.sample.guidance_scale
-    rows = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w) for s in samplers_for(pipe.scheduler)]
-    ref_name, ref_steps = args.reference.split(":")
-    reference = pooled(ref_name, int(ref_steps), w)
+    parts = [x.strip() for x in args.part.split(",") if x.strip()]
+    got: dict = {"seeds": {}}
+    if args.merge:
+        for path in sorted(out.parent.glob(f"{out.stem}.*.json")):  # the --part files
+            part = json.loads(path.read_text())
+            got["seeds"].update(part.pop("seeds"))
+            got.update(part)
+    default_steps_ = smoke_steps or default_steps(cfg.sample.sampler, cfg, pipe.scheduler)
+    if "samplers" in parts and not args.merge:
+        got["samplers"] = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w)
+                           for s in samplers_for(pipe.scheduler)]
+        got["fp32"] = pooled(cfg.sample.sampler, default_steps_, w, autocast=False)
+        got["seeds"]["samplers"] = args.seeds
+    if "reference" in parts and not args.merge:
+        ref_name, ref_steps = args.reference.split(":")
+        got["reference"] = pooled(ref_name, int(ref_steps), w)
+        got["seeds"]["reference"] = args.seeds
+    if "guidance" in parts and not args.merge:
+        got["guidance_curve"] = [pooled(cfg.sample.sampler, default_steps_, float(g)) for g in args.guidance.split(",")]
+        got["seeds"]["guidance"] = args.seeds
+    if not args.merge and parts != ["samplers", "reference", "guidance"]:
+        write_json(out.with_suffix(f".{'-'.join(parts)}.json"), got)
+        print(f"wrote {out.with_suffix(f'.{chr(45).join(parts)}.json')}", file=sys.stderr)
+        return got
+    rows, reference, fp32, curve = got["samplers"], got["reference"], got["fp32"], got["guidance_curve"]
     default = next(r for r in rows if r["name"] == cfg.sample.sampler)
-    fp32 = pooled(cfg.sample.sampler, default["steps"], w, autocast=False)
-    curve = [pooled(cfg.sample.sampler, default["steps"], float(g)) for g in args.guidance.split(",")]
     best = max(r["accuracy"] for r in rows)
     result = {
         "benchmark": "sampler_agreement",
@@ -85,7 +115,7 @@ def main(argv=None) -> dict:
         "model": cfg.name,
         "model_dir": str(folder),
         "evaluator": evaluator_name,
-        "seeds": args.seeds,
+        "seeds": got["seeds"] if args.merge else args.seeds,
         "accuracy": "pooled test + new_test (hits / asked-for objects), percent; spread: population SD over seeds",
         "samplers": rows,
         "reference": reference,
@@ -98,7 +128,7 @@ def main(argv=None) -> dict:
             "fp32 and bf16 within 3 points": abs(fp32["accuracy"] - default["accuracy"]) <= 3,
         },
     }
-    _plot(curve, plot, cfg.sample.sampler, default["steps"], args.seeds)
+    _plot(curve, plot, cfg.sample.sampler, default["steps"], got["seeds"].get("guidance", args.seeds))
     result["plot"] = str(plot)
     write_json(out, result)
     print(f"wrote {out} and {plot}", file=sys.stderr)

@@ -132,7 +132,8 @@ def run(
             "images": len(conds),
             "labels": int(targets.sum()),
             "accuracy": statistics.fmean(accs),
-            "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            # the project's one spread convention: population standard deviation over seeds
+            "accuracy_std": statistics.pstdev(accs),
             "accuracies": accs,
             "seeds": list(range(first_seed, first_seed + len(accs))) if pipe is not None else None,
             "evaluator": choice.name,
@@ -166,7 +167,7 @@ def _pool(a, b):
 def print_tables(report: dict) -> None:
     def acc(r):
         if len(r["accuracies"]) > 1:
-            return f"{r['accuracy']:.2%} ± {r['accuracy_std']:.2%} ({len(r['accuracies'])} seeds)"
+            return f"{r['accuracy']:.2%} ± {r['accuracy_std']:.2%} (population SD, {len(r['accuracies'])} seeds)"
         return f"{r['accuracy']:.2%}"
 
     from iclevr_diffusion.evaluation import ARCH_NAMES
