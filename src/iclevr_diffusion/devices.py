@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from iclevr_diffusion.errors import IclevrError
@@ -24,3 +27,15 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     elif device.type != "cpu":
         raise IclevrError(f"--device '{spec}' is not supported; use cpu, cuda or cuda:N.")
     return device
+
+
+def cpu_model() -> str:
+    """The CPU's model name (results and evaluator cards record it: speeds differ 4x between the CPUs
+    one machine kind comes with)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

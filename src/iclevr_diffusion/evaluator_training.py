@@ -25,7 +25,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from torch import nn
 
 from iclevr_diffusion import __version__
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
+from iclevr_diffusion.devices import cpu_model
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.evaluation import (
     ARCH_DESCRIPTIONS,
@@ -303,7 +303,7 @@ def train_evaluator(
         "heldout_per_color": held.to_dict()["per_color"],
         "seed": seed,
         "device": str(device),
-        "cpu": cpu_name(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "images_per_s": round(seen / max(train_seconds, 1e-9), 1),  # training steps only
         "seconds_loading": round(loading_seconds, 1),
@@ -366,16 +366,6 @@ def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
                 best[bf16] = min(best[bf16], time.perf_counter() - start)
     return {"fp32_images_per_s": round(batch / best[False], 1), "bf16_images_per_s": round(batch / best[True], 1),
             "batch": batch}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def dataset_name(root: Path) -> str:
