@@ -50,6 +50,7 @@ RECIPES: dict[str, list[str]] = {
     "edm": [*_EDM, "model.time_scale_shift=default", "train.lr=0.001"],
     "edm-adagn": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.001"],
     "edm-adagn-lr2e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002"],
+    "edm-adagn-lr4e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.004"],
     "edm-adagn-lr2e-3-p08": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002", "schedule.p_mean=-0.8",
                              "schedule.p_std=1.6"],
 }

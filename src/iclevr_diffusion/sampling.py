@@ -104,11 +104,13 @@ def resolve_sampling(
     """Sampler, steps and guidance: the flags where given, else the run config's `sample` section.
 
     ddpm takes all T steps unless --steps is given for it: the report's ancestral sampler is the
-    full chain, and the config's step count is meant for the fast solvers (see default_steps). Warns (one line) when the
-    sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
+    full chain, and the config's step count is meant for the fast solvers (see default_steps). Warns
+    (one line) when the sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
     """
-    sampler = sampler or cfg.sample.sampler
     offered = samplers_for(pipe.scheduler)
+    # A model folder without its run config (cfg = the defaults) may be of the other formulation.
+    configured = cfg.sample.sampler if cfg.sample.sampler in offered else ("ddim" if "ddim" in offered else "heun")
+    sampler = sampler or configured
     if sampler not in offered:
         raise IclevrError(f"Unknown sampler '{sampler}' for this model; choose one of: {', '.join(offered)}.")
     if steps is None:
