@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from machine_info import machine
-from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
+from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
@@ -151,9 +151,7 @@ def _last_logged(run: Path, key: str):
 
 def is_shipped_default(recipe: str) -> bool:
     """Whether a recipe trains exactly what the shipped `default` preset does (then its rows say "default")."""
-    sections = ("model", "schedule", "train", "sample")
-    mine, shipped = load_config("default", RECIPES[recipe]).to_dict(), load_config("default").to_dict()
-    return all(mine[s] == shipped[s] for s in sections)
+    return is_default_recipe(load_config("default", RECIPES[recipe]))
 
 
 def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe) -> dict:

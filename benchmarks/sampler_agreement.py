@@ -26,9 +26,8 @@ import sys
 from pathlib import Path
 
 from machine_info import machine
-from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
+from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
 
-from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.samplers import samplers_for
@@ -111,7 +110,7 @@ def main(argv=None) -> dict:
     if all(c["guidance"] != default["guidance"] for c in curve):  # the default row is the curve's point there
         curve = sorted([*curve, default], key=lambda c: c["guidance"])
     best = max(r["accuracy"] for r in rows)
-    is_default = _trained_as_default(cfg)
+    is_default = is_default_recipe(cfg)
     result = {
         "benchmark": "sampler_agreement",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -137,18 +136,6 @@ def main(argv=None) -> dict:
     write_json(out, result)
     print(f"wrote {out} and {plot}", file=sys.stderr)
     return result
-
-
-def _trained_as_default(cfg) -> bool:
-    """Whether a run's config is the shipped default preset's recipe (its budget and the measured
-    sigma_data aside)."""
-    mine, shipped = cfg.to_dict(), load_config("default").to_dict()
-    budget = ("max_steps", "max_minutes", "epochs", "snapshot_minutes")
-    mine["schedule"]["sigma_data"] = shipped["schedule"]["sigma_data"]
-    for d in (mine, shipped):
-        for key in budget:
-            d["train"].pop(key)
-    return all(mine[k] == shipped[k] for k in ("model", "schedule", "train", "sample"))
 
 
 def _bf16(pipe) -> bool:

@@ -49,3 +49,16 @@ def smoke_dataset(folder: Path, n: int = 16) -> tuple[Path, list[str]]:
     from tiny_data import TINY_MODEL, make_tiny_dataset
 
     return make_tiny_dataset(folder, n=n), list(TINY_MODEL)
+
+
+def is_default_recipe(cfg) -> bool:
+    """Whether a run config trains what the shipped `default` preset does, its budget and the
+    measured sigma_data aside (results files then call it "default")."""
+    from iclevr_diffusion.config import load_config
+
+    mine, shipped = cfg.to_dict(), load_config("default").to_dict()
+    mine["schedule"]["sigma_data"] = shipped["schedule"]["sigma_data"]
+    for d in (mine, shipped):
+        for key in ("max_steps", "max_minutes", "epochs", "snapshot_minutes"):
+            d["train"].pop(key)
+    return all(mine[k] == shipped[k] for k in ("model", "schedule", "train", "sample"))

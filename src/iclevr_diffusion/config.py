@@ -147,10 +147,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.time_scale_shift": ("default", "scale_shift"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
-    "sample.sampler": ("ddpm", "ddim", "dpm++", "unipc", "heun", "euler", "dpm++sde"),
 }
-# The samplers each formulation offers (samplers.py, edm.py).
+# The samplers each formulation offers (samplers.py, edm.py); the config accepts any of them.
 SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": ("heun", "euler", "dpm++", "dpm++sde")}
+CHOICES["sample.sampler"] = tuple(dict.fromkeys(n for names in SAMPLERS_BY_FORMULATION.values() for n in names))
 PRESETS = ("default", "seed", "full", "compare-timesteps")
 
 

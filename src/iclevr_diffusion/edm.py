@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 
+from iclevr_diffusion.config import SAMPLERS_BY_FORMULATION
+
 # ConditionalUNet multiplies its timestep by this for EDM models: c_noise = ln(sigma) / 4 spans about
 # [-1.6, 1.1] for sigma in [0.002, 80], which would leave all but the highest frequencies of the UNet's
 # sinusoidal time embedding (periods up to 10,000) constant; x250 spreads it over ~660 units, the
@@ -37,7 +39,7 @@ from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 EDM_TIMESTEP_SCALE = 250.0
 
 # The samplers an EDM model offers (make_edm_sampler); DDPM models have their own (samplers.py).
-EDM_SAMPLERS = ("heun", "euler", "dpm++", "dpm++sde")
+EDM_SAMPLERS = SAMPLERS_BY_FORMULATION["edm"]
 # Their step counts when --steps is not given for a sampler other than the config's: Heun 18 steps is 35
 # network evaluations (EDM's choice at 32x32-64x64); the first-order Euler and the stochastic DPM-Solver++
 # SDE get the same 35, the 2nd-order multistep DPM-Solver++ (one evaluation a step) 25.
