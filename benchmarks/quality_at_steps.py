@@ -53,6 +53,10 @@ RECIPES: dict[str, list[str]] = {
     "edm-adagn-lr4e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.004"],
     "edm-adagn-lr2e-3-p08": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002", "schedule.p_mean=-0.8",
                              "schedule.p_std=1.6"],
+    # capacity on the default recipe: a second resnet layer per level (1.7x the time per step), or
+    # 1.5x the width (1.9x the time per step)
+    "default-lpb2": ["model.layers_per_block=2"],
+    "default-w48": ["model.block_out_channels=[48,96,192]", "model.norm_num_groups=16", "model.attention_head_dim=48"],
 }
 
 

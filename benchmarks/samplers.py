@@ -216,16 +216,14 @@ def print_table(result: dict) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """Accuracy against steps per sampler, one panel per guidance scale; the ddpm reference dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no process-wide backend switch
 
     rows = result["rows"]
     refs = [r for r in rows if r["sampler"] == "ddpm" and r["precision"] == rows[0]["precision"]]
     fast = [r for r in rows if r not in refs and r["precision"] == rows[0]["precision"]]
     scales = sorted({r["guidance_scale"] for r in fast})
-    fig, axes = plt.subplots(1, len(scales), figsize=(3.6 * len(scales), 3.4), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.6 * len(scales), 3.4))
+    axes = fig.subplots(1, len(scales), sharey=True, squeeze=False)
     for ax, w in zip(axes[0], scales, strict=True):
         for name in dict.fromkeys(r["sampler"] for r in fast):
             pts = sorted((r["steps"], r["accuracy"]) for r in fast if r["sampler"] == name and r["guidance_scale"] == w)
@@ -255,7 +253,6 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

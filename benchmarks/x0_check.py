@@ -80,7 +80,8 @@ def accuracy(pipe, scheduler, sets, steps: int, guidance: float, net) -> dict[st
     try:
         result = {}
         for name, conds in sets:
-            images = pipe(multi_hot_batch(conds), steps, guidance, generator=image_generators(0, 0, len(conds)))
+            images = pipe(multi_hot_batch(conds), steps, guidance, generator=image_generators(0, 0, len(conds)),
+                          output_type="pt").images
             result[name] = score_images(net, images, multi_hot_batch(conds)).accuracy
         return result
     finally:

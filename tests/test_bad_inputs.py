@@ -4,7 +4,8 @@ Each failing case must exit 1 (2 for usage errors) with a single `error: ...` li
 problem, print no traceback, and leave every file that was already in the workspace untouched.
 A few inputs that look odd but are fine (grayscale/RGBA/other-size images, no objects.json,
 --force, more than three objects) must work. Full disk and read-only folders are real: a tiny tmpfs
-mounted in a private mount namespace (`unshare -m`), skipped where that is not allowed.
+mounted in a private mount namespace (`unshare -m`, or `unshare -rm` without root), skipped where
+neither is allowed.
 """
 
 from __future__ import annotations
@@ -215,6 +216,10 @@ FAILS = {
     # usage errors (click's own message, exit 2)
     "usage: unknown option": (lambda ws: sample(ws, "--no-such-flag"), 2, "No such option"),
     "usage: option type": (lambda ws: sample(ws, "--n", "many"), 2, "Invalid value for '--n'"),
+    "usage: unknown sampler": (lambda ws: sample(ws, "--labels", "red cube", sampler="eulr"), 2,
+                               "Invalid value for '--sampler'"),
+    "usage: unknown split": (lambda ws: sample(ws, "--split", "train"), 2, "Invalid value for '--split'"),
+    "usage: unknown preset": (lambda ws: train(ws, "--config", "defualt"), 2, "Invalid value for '--config'"),
 }
 
 
@@ -280,35 +285,59 @@ def test_a_sampler_likely_to_fail_on_the_model_warns_in_one_line_and_still_sampl
     assert (ws / "out" / "labels" / "0.png").is_file()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions; see the read-only tmpfs case")
+def _unprivileged_prefix() -> list[str] | None:
+    """How to run a command that folder permissions apply to: as it is for an ordinary user; for root (who
+    ignores them) in a user namespace that maps it to an ordinary uid with no capabilities; None if neither."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["unshare", "--user", "--map-user=1000", "--map-group=1000"]
+    if shutil.which("unshare") and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+        return prefix
+    return None
+
+
+UNPRIVILEGED = _unprivileged_prefix()
+
+
+@pytest.mark.skipif(UNPRIVILEGED is None, reason="running as root, which ignores folder permissions, and no user "
+                    "namespace (unshare --user --map-user) to run without that; the read-only tmpfs case covers it")
 def test_read_only_folder_by_permissions(ws):
     locked = ws / "locked"
     locked.mkdir()
     (locked / "keep.txt").write_text("earlier")
     locked.chmod(0o555)
+    argv = [*UNPRIVILEGED, sys.executable, "-m", "iclevr_diffusion",
+            *sample(ws, "--labels", "red cube", "--out", str(locked / "out"))]
     try:
-        result = runner.invoke(app, sample(ws, "--labels", "red cube", "--out", str(locked / "out")))
+        result = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=120)
     finally:
         locked.chmod(0o755)
-    assert result.exit_code == 1, result.output
+    assert result.returncode == 1, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Permission denied" in lines[0], result.stderr
-    assert (locked / "keep.txt").read_text() == "earlier"
+    assert (locked / "keep.txt").read_text() == "earlier" and not (locked / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------
 # A real full disk and a real read-only file system: tmpfs in a private mount namespace
 
 
-def _can_mount() -> bool:
+def _mount_namespace() -> list[str] | None:
+    """A private mount namespace a tmpfs can be mounted in: `unshare -m` (root, or CAP_SYS_ADMIN), else
+    `unshare -rm` (an unprivileged user namespace, as on most CI runners); None where neither works."""
     if not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"],
-                           capture_output=True)
-    return probe.returncode == 0
+        return None
+    for prefix in (["unshare", "-m"], ["unshare", "-r", "-m"]):
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /mnt"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
 
 
-needs_mount = pytest.mark.skipif(not _can_mount(), reason="cannot mount a tmpfs (unshare -m needs CAP_SYS_ADMIN)")
+MOUNT_NS = _mount_namespace()
+needs_mount = pytest.mark.skipif(
+    MOUNT_NS is None, reason="cannot mount a tmpfs: `unshare -m` needs CAP_SYS_ADMIN and `unshare -rm` needs "
+    "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone / apparmor_restrict_unprivileged_userns)")
 
 
 def in_tmpfs(mnt: Path, size: str, argv: list[str], read_only: bool = False, copy_to: Path | None = None):
@@ -322,8 +351,7 @@ def in_tmpfs(mnt: Path, size: str, argv: list[str], read_only: bool = False, cop
               + (f"mount -o remount,ro {mnt} && " if read_only else "")
               + f"{{ {cmd}; rc=$?; }}; cp {mnt}/keep.txt {out}/keep.txt; "
               + (f"cp -a {mnt}/. {copy_to}/; " if copy_to else "") + "exit $rc")
-    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=ENV,
-                            timeout=120)
+    result = subprocess.run([*MOUNT_NS, "sh", "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
     assert (out / "keep.txt").read_text() == "earlier\n"  # what was on the disk before survives
     return result
 

@@ -1,7 +1,12 @@
-"""Every benchmark script runs in its --smoke mode (seconds), so none can rot unnoticed."""
+"""Every benchmark script runs in its --smoke mode (seconds), so none can rot unnoticed, and what it
+writes holds together: derived figures (ratios, means, spreads, the chosen row) agree with the rows
+they come from, counts match what was asked for. Timings themselves are the machine's and not checked."""
 
 import json
+import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,30 +14,115 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+approx = pytest.approx
 
 
 def run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ICLEVR_CACHE_DIR": str(tmp_path / "cache")}
     out = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600)
+                         env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out
 
 
-@pytest.mark.parametrize(
-    "script, out_flag",
-    [("render_speed.py", "--out"), ("train_speed.py", "--out"), ("learn_speed.py", "--out"), ("samplers.py", "--json"),
-     ("quality_at_budget.py", "--out"), ("gpu_check.py", "--out"),
-     ("x0_check.py", "--out")],
-)
-def test_benchmark_smoke_writes_results(script, out_flag, tmp_path):
+def smoke(script: str, tmp_path: Path, out_flag: str = "--out", *extra: str) -> dict:
     result = tmp_path / "result.json"
-    extra = ["--plot", str(tmp_path / "plot.png")] if script == "samplers.py" else []
     run(script, out_flag, str(result), *extra, tmp_path=tmp_path)
     data = json.loads(result.read_text())
-    assert "machine" in data and data["machine"]["cores"] >= 1
+    assert data["machine"]["cores"] >= 1
+    return data
 
 
-def test_evaluator_benchmark_smoke(tmp_path):
-    out = run("evaluator.py", tmp_path=tmp_path)
-    assert "accuracy" in out.stdout.lower()
+def test_render_speed(tmp_path):
+    from iclevr_diffusion.data.synthetic import planned_images
+
+    rows = smoke("render_speed.py", tmp_path)["results"]
+    assert [r["what"] for r in rows[:3]] == [f"render {k} object(s), 64" for k in (1, 2, 3)]
+    for r in rows:
+        assert r["images"] > 0 and r["images_per_s"] == approx(r["images"] / r["seconds"])
+    scenes = int(re.search(r"--scenes (\d+)", rows[-1]["what"])[1])
+    assert rows[-1]["images"] == planned_images(scenes)  # train + held-out scenes, 3 images each
+
+
+def test_train_speed(tmp_path):
+    data = smoke("train_speed.py", tmp_path)
+    rows = data["rows"]
+    assert data["failed"] == {} and len(rows) >= 2 and rows[0]["speedup_vs_first"] == 1.0
+    for r in rows:
+        assert len(r["images_per_s_rounds"]) == data["rounds"]
+        assert r["images_per_s"] == max(r["images_per_s_rounds"])  # the best round
+        assert r["speedup_vs_first"] == approx(r["images_per_s"] / rows[0]["images_per_s"])
+    assert [r["bf16"] for r in rows[:2]] == [False, True] and rows[0]["params"] == rows[1]["params"]
+
+
+def test_learn_speed(tmp_path):
+    (row,) = smoke("learn_speed.py", tmp_path)["rows"]
+    assert row["steps"] > 0 and row["images_seen"] % row["steps"] == 0
+    assert Path(row["samples"]).name == f"step_{row['steps']:06d}.png"  # the grid of the last step
+    assert set(row["accuracy"]) == {"test", "new_test"} and math.isfinite(row["train_loss"])
+
+
+def test_samplers(tmp_path):
+    data = smoke("samplers.py", tmp_path, "--json", "--plot", str(tmp_path / "plot.png"))
+    rows = data["rows"]
+    ref = rows[0]
+    assert ref["sampler"] == "ddpm" and ref["steps"] == data["num_train_timesteps"]
+    assert (ref["delta_vs_reference"], ref["speedup_vs_reference"]) == (0.0, 1.0)
+    images = data["splits"]["test"] + data["splits"]["new_test"]
+    for r in rows:
+        assert r["images"] == images * data["seeds"]
+        assert r["delta_vs_reference"] == approx(r["accuracy"] - ref["accuracy"])
+        assert r["speedup_vs_reference"] == approx(ref["seconds_per_image"] / r["seconds_per_image"])
+        assert min(r["per_set"].values()) <= r["accuracy"] <= max(r["per_set"].values())  # a weighted mean
+    within = [r for r in rows[1:] if r["steps"] <= 25 and r["delta_vs_reference"] >= -0.01]
+    target = data["target"]
+    assert target["met"] == bool(within)
+    if within:
+        fastest = max(within, key=lambda r: r["speedup_vs_reference"])
+        assert target["fastest_within"]["speedup_vs_reference"] == fastest["speedup_vs_reference"]
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_quality_at_budget(tmp_path):
+    data = smoke("quality_at_budget.py", tmp_path)
+    assert data["trained"]["stopped_by"] == "max_minutes" and data["trained"]["steps"] > 0
+    best = max(c["mean_accuracy_seed0"] for c in data["candidates"])
+    assert data["choice"]["mean_accuracy_seed0"] == best and data["choice"]["sampler"] in {
+        c["sampler"] for c in data["candidates"] if c["mean_accuracy_seed0"] == best}
+    rows = data["rows"]
+    assert [r["minutes"] for r in rows] == sorted(r["minutes"] for r in rows)
+    for r in rows:
+        for split in ("test", "new_test"):
+            cell = r[split]
+            assert len(cell["seeds"]) == data["seeds"]
+            assert cell["mean"] == approx(statistics.fmean(cell["seeds"]))
+            assert cell["spread"] == approx(statistics.pstdev(cell["seeds"]), abs=1e-12)  # population SD
+    met = any(r["test"]["mean"] >= 0.922 and r["new_test"]["mean"] >= 0.953 for r in rows)
+    assert data["target"]["met"] == met
+
+
+def test_gpu_check(tmp_path):
+    data = smoke("gpu_check.py", tmp_path)
+    rows = data["throughput"]
+    assert [r["bf16"] for r in rows] == [False, True, True, True] and rows[0]["params"] == rows[1]["params"] > 0
+    run_ = data["short_run"]
+    assert run_["steps"] > 0 and set(run_["accuracy"]) == {"test", "new_test"}
+
+
+def test_x0_check(tmp_path):
+    models = smoke("x0_check.py", tmp_path)["models"]
+    eps = models["tiny epsilon"]
+    assert eps["prediction_type"] == "epsilon" and models["tiny v_prediction"]["prediction_type"] == "v_prediction"
+    for row in eps["noise_errors"]:  # an epsilon model's x0 error is its noise error times sqrt(1 - a) / sqrt(a)
+        a = row["sqrt_alpha_bar"]
+        assert row["x0_rms_error"] == approx(math.sqrt(row["noise_mse"]) * math.sqrt(1 - a * a) / a, rel=1e-3)
+
+
+def test_evaluator(tmp_path):
+    out = run("evaluator.py", tmp_path=tmp_path).stdout
+    for pct, hits, labels in re.findall(r"held-out accuracy ([\d.]+)% \((\d+)/(\d+) labels", out):
+        assert float(pct) == approx(100 * int(hits) / int(labels), abs=0.006)
+    found = re.search(r"small CNN ([\d.]+)%, ResNet18 ([\d.]+)% -> ([\d.]+) points apart \((NOT )?within (\d+)\)", out)
+    assert found, out[-2000:]
+    small, resnet, apart = (float(found[i]) for i in (1, 2, 3))
+    assert apart == approx(abs(small - resnet), abs=0.011) and (found[4] is None) == (apart <= float(found[5]))

@@ -7,8 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from iclevr_diffusion.cli import app
+from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.experiments import FIXED_LEVELS, FixedLevelProbe, parse_schedules, parse_timesteps
+from tiny_data import expected_ranked_accuracy, write_ranked_evaluator
 
 TINY = [
     "data.image_size=16", "model.block_out_channels=[8, 16]", "model.attention=[false, true]",
@@ -29,27 +31,24 @@ def compare(tmp_path, data, evaluator, *extra):
 
 
 @pytest.fixture
-def random_evaluator(tmp_path):
-    from iclevr_diffusion.evaluation import build_evaluator
-
-    torch.manual_seed(0)
-    path = tmp_path / "checkpoint.pth"
-    torch.save({"model": build_evaluator().state_dict()}, path)
-    return path
+def ranked_evaluator(tmp_path):
+    """An evaluator that ignores the images: its accuracy on each split is known in advance."""
+    return write_ranked_evaluator(tmp_path / "checkpoint.pth")
 
 
 def steps_logged(run_dir):
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_timesteps_end_to_end_reuse_and_resume(tmp_path, tiny_dataset, random_evaluator):
-    rows = compare(tmp_path, tiny_dataset, random_evaluator, "--max-steps", "2")
+def test_two_timesteps_end_to_end_reuse_and_resume(tmp_path, tiny_dataset, ranked_evaluator):
+    rows = compare(tmp_path, tiny_dataset, ranked_evaluator, "--max-steps", "2")
     exp = tmp_path / "exp"
     for name in ("learning_curves.png", "results.csv", "results.json", "experiment.yaml"):
         assert (exp / name).is_file(), name
     assert [(r["T"], r["schedule"], r["steps"]) for r in rows] == [(10, "linear", 2), (20, "linear", 2)]
-    for r in rows:
-        assert 0 <= r["accuracy_test"] <= 1 and 0 <= r["accuracy_new_test"] <= 1
+    test, new_test = (expected_ranked_accuracy(load_conditions(s)) for s in ("test", "new_test"))
+    for r in rows:  # every T is scored on both packaged splits with the given evaluator
+        assert r["accuracy_test"] == pytest.approx(test) and r["accuracy_new_test"] == pytest.approx(new_test)
         assert r["evaluator"] and r["ddpm_s_per_image"] > 0 and r["fast_s_per_image"] > 0
         assert r["fixed_level_loss"] > 0
     # Fewer steps leave more signal at T: the table shows it.
@@ -59,7 +58,7 @@ def test_two_timesteps_end_to_end_reuse_and_resume(tmp_path, tiny_dataset, rando
     # Pretend T=20 was interrupted after step 2; T=10 finished. A longer rerun resumes T=20 only.
     (exp / "T20-linear" / "DONE.json").unlink()
     before = (exp / "T10-linear" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    rows = compare(tmp_path, tiny_dataset, random_evaluator, "--max-steps", "4")
+    rows = compare(tmp_path, tiny_dataset, ranked_evaluator, "--max-steps", "4")
     assert [r["steps"] for r in rows] == [2, 4]
     assert steps_logged(exp / "T20-linear") == [1, 2, 3, 4]  # continued, not restarted or duplicated
     after = (exp / "T10-linear" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import TINY_ENTRIES, write_dataset
 from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
@@ -17,11 +16,34 @@ def test_loads_the_real_layout(tiny_dataset):
     assert label.tolist() == [1.0 if i in (1, 14) else 0.0 for i in range(24)]
 
 
-def test_squash_keeps_the_whole_frame_and_crop_cuts_the_sides(tiny_dataset):
-    squash = ICLEVRDataset(tiny_dataset, image_size=16, resize="squash")[0][0]
-    crop = ICLEVRDataset(tiny_dataset, image_size=16, resize="center_crop")[0][0]
+def test_squash_keeps_the_whole_frame_and_crop_cuts_the_sides(tmp_path):
+    """A 4:3 frame with a red bar along the left edge, a blue one along the right and a 30x30 white square
+    in the middle: squash keeps both bars and makes the square narrower than tall (80 -> 16 wide, 60 -> 16
+    high); center_crop cuts the bars away and keeps the square square."""
+    from PIL import Image, ImageDraw
+
+    root = write_dataset(tmp_path / "d", {"CLEVR_train_000000_0.png": ["red cube"]})
+    img = Image.new("RGB", (80, 60), (128, 128, 128))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((0, 0, 7, 59), fill=(255, 0, 0))
+    draw.rectangle((72, 0, 79, 59), fill=(0, 0, 255))
+    draw.rectangle((25, 15, 54, 44), fill=(255, 255, 255))
+    img.save(root / "iclevr" / "CLEVR_train_000000_0.png")
+    squash = ICLEVRDataset(root, image_size=16, resize="squash")[0][0]
+    crop = ICLEVRDataset(root, image_size=16, resize="center_crop")[0][0]
     assert squash.shape == crop.shape == (3, 16, 16)
-    assert not torch.equal(squash, crop)
+    r, g, b = squash
+    assert (r[:, 0] - b[:, 0] > 1).all() and (b[:, -1] - r[:, -1] > 1).all()  # both edges kept
+    r, g, b = crop
+    assert not ((r - b).abs() > 0.5).any()  # no trace of either bar
+
+    def white_extent(image):  # (columns, rows) holding a mostly white pixel
+        white = (image > 0.5).all(dim=0)
+        return int(white.any(dim=0).sum()), int(white.any(dim=1).sum())
+
+    assert white_extent(squash) == (6, 8)  # 30 * 16/80 wide, 30 * 16/60 high
+    width, height = white_extent(crop)  # resized to 21x16 (30 -> 7.9 px wide), then cropped
+    assert height == 8 and width in (7, 8)
 
 
 @pytest.mark.parametrize("where", ["images", "."])

@@ -12,30 +12,16 @@ from typer.testing import CliRunner
 from conftest import draw_scene, write_dataset
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.data.iclevr import load_conditions
-from iclevr_diffusion.evaluation import build_evaluator, load_evaluator
-from iclevr_diffusion.labels import LABEL_INDEX
+from iclevr_diffusion.evaluation import load_evaluator, score_images
+from tiny_data import expected_ranked_accuracy, write_ranked_evaluator
 
 runner = CliRunner()
 
 
 @pytest.fixture
 def ranked_evaluator(tmp_path) -> Path:
-    """An official-format checkpoint whose outputs ignore the image and rank the classes by index
-    (fc weights zero, bias decreasing), so its score on any condition list is known in advance."""
-    model = build_evaluator()
-    with torch.no_grad():
-        model.fc[0].weight.zero_()
-        model.fc[0].bias.copy_(-torch.arange(24, dtype=torch.float32) / 4)
-    path = tmp_path / "ranked" / "checkpoint.pth"
-    path.parent.mkdir()
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
-def expected_ranked_accuracy(conditions: list[list[str]]) -> float:
-    """The ranked evaluator's top-k are classes 0..k-1: count the true ones by hand."""
-    hits = sum(sum(LABEL_INDEX[n] < len(c) for n in c) for c in conditions)
-    return hits / sum(len(c) for c in conditions)
+    """An evaluator whose score on any condition list is known in advance (tiny_data.write_ranked_evaluator)."""
+    return write_ranked_evaluator(tmp_path / "ranked" / "checkpoint.pth")
 
 
 def write_condition_images(folder: Path, conditions: list[list[str]]) -> Path:
@@ -136,16 +122,29 @@ def test_train_evaluator_writes_the_official_format_and_evaluate_finds_it(tmp_pa
         for j in range(len(labels)):
             entries[f"CLEVR_train_{s:06d}_{j}.png"] = labels[: j + 1]
     root = write_dataset(tmp_path / "data", entries)
+    # A held-out set of its own (as the renderer writes): the card's accuracy can be checked on it.
+    heldout = {f"CLEVR_heldout_{i:06d}_0.png": labels for i, labels in enumerate(
+        [["red cube"], ["cyan sphere", "blue cube"], ["gray sphere", "yellow cylinder", "red cube"], ["blue cube"],
+         ["green cylinder", "cyan sphere"]])}
+    for name, labels in heldout.items():
+        draw_scene(labels).save(root / "iclevr" / name)
+    (root / "heldout.json").write_text(json.dumps(heldout))
     args = ["train-evaluator", "--data", str(root), "--epochs", "1", "--batch-size", "4", "--json", "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     card = json.loads(result.stdout)
     ckpt = root / "evaluator" / "checkpoint.pth"
     assert card["checkpoint"] == str(ckpt) and card["epochs"] == 1
-    assert card["images"] + card["heldout_images"] == len(entries)
-    assert 0.0 <= card["heldout_accuracy"] <= 1.0 and card["dataset"] == "data"
+    assert (card["images"], card["heldout_images"], card["heldout_source"]) == (len(entries), 5, "heldout.json")
+    assert card["dataset"] == "data"
     assert set(torch.load(ckpt, weights_only=True)) == {"model"}
-    load_evaluator(ckpt)  # loads as an official-format checkpoint
+    # The card's held-out accuracy is the saved checkpoint's, scored anew on heldout.json (9 labels).
+    from iclevr_diffusion.evaluator_training import load_labelled
+
+    _, pics, targets = load_labelled(root, "heldout.json")
+    judge = load_evaluator(ckpt)  # loads as an official-format checkpoint
+    assert card["heldout_accuracy"] == pytest.approx(score_images(judge, pics.float() / 127.5 - 1, targets).accuracy)
+    assert card["heldout_curve"] == [round(card["heldout_accuracy"], 5)]  # one epoch: one point, the same model
 
     # Cached: a second call does not retrain.
     again = runner.invoke(app, ["train-evaluator", "--data", str(root), "--json", "-q"])

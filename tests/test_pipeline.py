@@ -95,20 +95,28 @@ def test_samplers_that_need_an_accurate_x0_are_flagged_on_a_briefly_trained_epsi
         resolve_sampling(tiny_config(), eps, "dpm++", 5, 2.0)
 
 
+@pytest.mark.parametrize("schedule,T", SCHEDULE_T)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_samplers_start_from_pure_noise_at_t_minus_one(pipe, sampler):
-    scheduler = make_sampler(sampler, pipe.scheduler)
-    scheduler.set_timesteps(10)
-    assert int(scheduler.timesteps[0]) == 999
-    assert scheduler.config.num_train_timesteps == 1000
-
-
-def test_dpm_solver_clips_lambda_on_the_cosine_schedule(unets):
-    cosine = make_sampler("dpm++", pipe_for(unets, "cosine", "epsilon", 1000).scheduler)
-    linear = make_sampler("dpm++", pipe_for(unets, "linear", "epsilon", 1000).scheduler)
-    assert cosine.config.lambda_min_clipped == pytest.approx(-5.1)
-    assert linear.config.lambda_min_clipped == -float("inf")
-    assert cosine.config.algorithm_type == "dpmsolver++" and cosine.config.solver_order == 2
+def test_the_timesteps_each_sampler_evaluates_the_model_at(unets, sampler, schedule, T):
+    """Recorded from the model's own calls: one per step, from the noisiest end down. Every sampler starts
+    at t = T-1, (almost) pure noise, where the model was trained on it ("trailing" spacing; diffusers'
+    default "leading" starts a 6-step run at t = 834 of 1000), except DPM-Solver++ on the cosine schedule:
+    its first step from log-SNR below -5.1 explodes (diffusers' documented remedy clips it), so it starts
+    at the noisiest t above that."""
+    pipe = pipe_for(unets, schedule, "epsilon", T)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(int(torch.as_tensor(args[1]).max())))
+    try:
+        generate(pipe, CONDS, sampler, steps=6, guidance_scale=2.0, seed=0)
+    finally:
+        hook.remove()
+    assert len(seen) == 6 and seen == sorted(set(seen), reverse=True) and seen[-1] >= 0, seen
+    ab = pipe.scheduler.alphas_cumprod.double()
+    log_snr = 0.5 * (ab / (1 - ab)).log()
+    if sampler == "dpm++" and schedule == "cosine":
+        assert seen[0] < T - 1 and log_snr[seen[0]] >= -5.1 > log_snr[seen[0] + 1], seen
+    else:
+        assert seen[0] == T - 1, seen
 
 
 def test_same_seed_same_images_other_seed_other_images(pipe):
@@ -199,17 +207,19 @@ def test_load_pipeline_reads_a_run_folder_and_its_config(tmp_path):
 
 def test_pipeline_called_directly_with_names_and_pil_output(pipe):
     gen = torch.Generator().manual_seed(0)
-    images = pipe(["red sphere,cyan cube", "gray cube"], 3, 2.0, gen, sampler="dpm++", output_type="pil")
+    images = pipe(["red sphere,cyan cube", "gray cube"], 3, 2.0, gen, sampler="dpm++", output_type="pil").images
     assert len(images) == 2 and images[0].size == (16, 16) and images[0].mode == "RGB"
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"  # the pipeline's own scheduler is restored
-    tensor = pipe(["red sphere,cyan cube", "gray cube"], 3, 2.0, torch.Generator().manual_seed(0), sampler="dpm++")
+    tensor = pipe(["red sphere,cyan cube", "gray cube"], 3, 2.0, torch.Generator().manual_seed(0), sampler="dpm++",
+                  output_type="pt").images
     assert torch.equal(to_uint8(tensor[0]).permute(1, 2, 0), torch.from_numpy(np.asarray(images[0])))
 
 
 def test_frames_run_from_the_initial_noise_to_the_final_image(pipe):
     pipe.scheduler, train = make_sampler("ddim", pipe.scheduler), pipe.scheduler
     try:
-        images, strip = pipe(CONDS, 8, 2.0, generator=image_generators(0, 0, 3), frames=5)
+        images, strip = pipe(CONDS, 8, 2.0, generator=image_generators(0, 0, 3), frames=5, output_type="pt",
+                             return_dict=False)
     finally:
         pipe.scheduler = train
     assert strip.shape == (5, 3, 3, 16, 16)

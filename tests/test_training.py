@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -16,7 +17,7 @@ from iclevr_diffusion.losses import diffusion_loss, drop_labels
 from iclevr_diffusion.model import ConditionalUNet
 from iclevr_diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.training import train
-from tiny_data import TINY_MODEL, make_tiny_dataset
+from tiny_data import TINY_MODEL, expected_ranked_accuracy, make_tiny_dataset, write_ranked_evaluator
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,21 @@ def final_weights(run_dir):
     return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
 
 
+def assert_bit_identical(run_a, run_b):
+    """The README's promise: a resumed run ends bit-identical to one that never stopped (weights, EMA,
+    optimizer state) on the same machine."""
+    a, b = (ckpt.load(ckpt.list_checkpoints(r / "checkpoints")[-1]) for r in (run_a, run_b))
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert len(a["ema"]) == len(b["ema"]) and all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+    for i, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][i][key]), (i, key)
+
+
 def test_loss_falls_on_a_fixed_batch(data_root):
-    cfg = tiny_cfg(data_root)
+    cfg = tiny_cfg(data_root, "train.max_steps=1")
     torch.manual_seed(0)
     model = ConditionalUNet.from_run_config(cfg)
     sched = make_train_scheduler(cfg.schedule)
@@ -113,9 +127,7 @@ def test_interrupt_then_resume_equals_uninterrupted(data_root, tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_000004"]
     resumed = train(tiny_cfg(data_root, *sets), tmp_path / "b")  # same command again
     assert resumed.resumed_from.name == "step_000004" and resumed.step == straight.step == 7
-    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_bit_identical(tmp_path / "a", tmp_path / "b")
     steps = lambda run: [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert steps(tmp_path / "b") == steps(tmp_path / "a") == list(range(1, 8))
 
@@ -221,31 +233,52 @@ def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
     assert any("built-in synthetic dataset" in i.get("message", "") for e, i in events if e == "note")
 
 
-def test_mixed_precision_choice(data_root):
-    from iclevr_diffusion.training import resolve_mixed_precision
+def test_mixed_precision_auto_picks_the_faster_of_the_two_it_timed(data_root, monkeypatch):
+    from iclevr_diffusion import training
 
-    cfg = tiny_cfg(data_root, "train.mixed_precision=auto")
+    cfg = tiny_cfg(data_root, "train.mixed_precision=auto", "train.max_steps=1")
     model = ConditionalUNet.from_run_config(cfg)
     before = torch.get_rng_state()
-    assert resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) in ("no", "bf16")  # measured
+    notes = []
+    choice = training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2, note=notes.append)
+    # The note reports both speeds this CPU measured just now; the choice must be the faster one.
+    found = re.fullmatch(r"mixed_precision auto: fp32 ([\d.]+) images/s, bf16 autocast ([\d.]+) images/s "
+                         r"\(forward\+backward\) -> (bf16|fp32)", notes[0])
+    assert found, notes
+    fp32, bf16 = float(found[1]), float(found[2])
+    assert fp32 > 0 and bf16 > 0
+    if fp32 != bf16:  # (equal only when both round to the same figure)
+        assert choice == ("bf16" if bf16 > fp32 else "no")
+    assert found[3] == {"bf16": "bf16", "no": "fp32"}[choice]
     assert torch.equal(torch.get_rng_state(), before) and all(p.grad is None for p in model.parameters())
-    fixed = tiny_cfg(data_root, "train.mixed_precision=bf16")
-    assert resolve_mixed_precision(fixed, torch.device("cpu"), model, 2) == "bf16"
+    # The decision itself, with the timings (seconds per pass: fp32, bf16) given instead of measured.
+    monkeypatch.setattr(training, "_time_precisions", lambda *a, **k: (1.0, 0.5))
+    assert training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) == "bf16"
+    monkeypatch.setattr(training, "_time_precisions", lambda *a, **k: (0.5, 1.0))
+    assert training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) == "no"
+    # Neither CPU nor CUDA: no autocast, nothing timed. A fixed choice is kept as given.
+    assert training.resolve_mixed_precision(cfg, torch.device("meta"), model, 2) == "no"
+    for fixed in ("bf16", "no"):
+        given = tiny_cfg(data_root, "train.max_steps=1", f"train.mixed_precision={fixed}")
+        assert training.resolve_mixed_precision(given, torch.device("cpu"), model, 2) == fixed
 
 
 def test_evaluation_during_training_keeps_best(tmp_path):
     """With an evaluator checkpoint in the data root, eval_every scores test/new_test and keeps best/."""
-    from iclevr_diffusion.evaluation import OFFICIAL_NAME, build_evaluator
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.evaluation import OFFICIAL_NAME
 
     root = make_tiny_dataset(tmp_path / "data", n=8)
-    torch.manual_seed(0)
-    torch.save({"model": build_evaluator().state_dict()}, root / OFFICIAL_NAME)  # random but official-format
+    # An official-format evaluator whose score on each split is known in advance (it ignores the images).
+    write_ranked_evaluator(root / OFFICIAL_NAME)
     result = train(tiny_cfg(root, "train.max_steps=2", "train.eval_every=1", "sample.guidance_scale=1.0"),
                    tmp_path / "run")
     rows = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(0 <= r["test"] <= 1 and 0 <= r["new_test"] <= 1 for r in rows)
+    test, new_test = (expected_ranked_accuracy(load_conditions(s)) for s in ("test", "new_test"))
+    assert rows == [{"step": s, "test": pytest.approx(test), "new_test": pytest.approx(new_test),
+                     "mean": pytest.approx((test + new_test) / 2)} for s in (1, 2)]
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
-    assert best["mean"] == max(r["mean"] for r in rows)
+    assert best["step"] == 1 and best["mean"] == rows[0]["mean"]  # a tie does not replace the best
     assert (tmp_path / "run" / "best" / "model_index.json").is_file() and result.step == 2
 
 
@@ -297,6 +330,4 @@ def test_ctrl_c_right_after_an_optimizer_update_still_resumes_exactly(data_root,
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_000004"]
     resumed = train(tiny_cfg(data_root, *sets), tmp_path / "b")
     assert resumed.step == straight.step == 7
-    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert_bit_identical(tmp_path / "a", tmp_path / "b")

@@ -55,3 +55,23 @@ def make_tiny_dataset(root: Path, n: int = 12, seed: int = 0) -> Path:
     (root / "train.json").write_text(json.dumps(meta))
     (root / "objects.json").write_text(packaged_file("objects.json").read_text())
     return root
+
+
+def write_ranked_evaluator(path: Path) -> Path:
+    """An official-format evaluator checkpoint whose outputs ignore the image and rank the classes by
+    index (fc weights zero, bias decreasing), so its score on any condition list is known in advance."""
+    from iclevr_diffusion.evaluation import build_evaluator
+
+    model = build_evaluator()
+    with torch.no_grad():
+        model.fc[0].weight.zero_()
+        model.fc[0].bias.copy_(-torch.arange(24, dtype=torch.float32) / 4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def expected_ranked_accuracy(conditions: list[list[str]]) -> float:
+    """The ranked evaluator's top-k are classes 0..k-1: count the true ones by hand."""
+    hits = sum(sum(LABEL_INDEX[n] < len(c) for n in c) for c in conditions)
+    return hits / sum(len(c) for c in conditions)

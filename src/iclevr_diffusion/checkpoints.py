@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from iclevr_diffusion.errors import IclevrError
+from iclevr_diffusion.io import usual_permissions
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -83,6 +84,7 @@ def finish(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
+        usual_permissions(tmp)  # safetensors writes 0600
         for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

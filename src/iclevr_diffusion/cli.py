@@ -10,19 +10,21 @@ import functools
 import os
 import sys
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from iclevr_diffusion import __version__
+from iclevr_diffusion.config import CHOICES, PRESETS, SAMPLERS_BY_FORMULATION, SPLITS
 from iclevr_diffusion.errors import IclevrError
 
 app = typer.Typer(
     name="iclevr-diff",
     help="Label-conditional diffusion for i-CLEVR scenes: train, sample, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -79,10 +81,33 @@ def root(
     """Label-conditional diffusion for i-CLEVR scenes: train, sample, evaluate."""
 
 
+# Fixed choices are click choices: listed in --help, completed by the shell, a bad one is a usage error (exit 2).
+# The names live in config.py (one home); an Enum is how typer spells a choice.
+SamplerName = Enum("SamplerName", {n: n for n in CHOICES["sample.sampler"]}, type=str)
+SplitName = Enum("SplitName", {n: n for n in SPLITS}, type=str)
+
+
+def _config_choice(value: str | None) -> str | None:
+    """--config: a preset name or a YAML file; anything else is a usage error naming the presets."""
+    if value is None or value in PRESETS or Path(value).is_file():
+        return value
+    what = "is a folder, not a YAML file" if Path(value).is_dir() else "is neither a preset nor an existing YAML file"
+    raise typer.BadParameter(f"'{value}' {what}; choose a preset ({', '.join(PRESETS)}) or give a YAML path.")
+
+
+def _complete_preset(incomplete: str) -> list[str]:
+    return [p for p in PRESETS if p.startswith(incomplete)]
+
+
+def _value(choice: Enum | None) -> str | None:
+    return None if choice is None else choice.value
+
+
 # Options shared by several commands.
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML config file or preset name (default, seed, full, compare-timesteps)."),
+    typer.Option("--config", "-c", metavar="PRESET|FILE", callback=_config_choice, autocompletion=_complete_preset,
+                 help=f"YAML config file or preset name ({', '.join(PRESETS)})."),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -105,7 +130,7 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Run folder or exported model folder (default: the newest run)."),
 ]
 SplitOpt = Annotated[
-    list[str] | None,
+    list[SplitName] | None,
     typer.Option(
         "--split",
         help="Packaged condition file: test or new_test (the course's), or val (ours, for choosing recipes); "
@@ -116,9 +141,11 @@ ConditionsOpt = Annotated[
     Path | None, typer.Option("--conditions", help="Your own condition file (JSON list of label lists).")
 ]
 SamplerOpt = Annotated[
-    str | None,
+    SamplerName | None,
     typer.Option(
-        "--sampler", help="DDPM models: ddpm, ddim, dpm++ or unipc; EDM models: heun, euler, dpm++ or dpm++sde."
+        "--sampler",
+        help="; ".join(f"{f.upper()} models: {', '.join(names)}" for f, names in SAMPLERS_BY_FORMULATION.items())
+        + " (default: the model's own).",
     ),
 ]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps.")]
@@ -151,10 +178,11 @@ def train(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     dry_run: DryRunOpt = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Train a label-conditional DDPM (default: the CPU preset on the built-in synthetic data)."""
-    from iclevr_diffusion.config import load_config
+    from iclevr_diffusion.config import load_config, require_stop
     from iclevr_diffusion.workflows import train as workflow
 
     flags = {
@@ -169,11 +197,11 @@ def train(
         "device": device,
         "seed": seed,
     }
-    cfg = load_config(config or "default", set_ or [], flags)
+    cfg = require_stop(load_config(config or "default", set_ or [], flags))
     if dry_run:
         typer.echo(cfg.to_yaml())
         return
-    workflow.run(cfg, runs_dir=runs_dir, resume=resume, quiet=quiet)
+    workflow.run(cfg, runs_dir=runs_dir, resume=resume, quiet=quiet, as_json=json_)
 
 
 @app.command()
@@ -208,8 +236,8 @@ def sample(
     from iclevr_diffusion.workflows import sample as workflow
 
     workflow.run(
-        labels=labels or [], n=n, splits=split or [], conditions=conditions, model=model, runs_dir=runs_dir,
-        out=out, sampler=sampler, steps=steps, guidance_scale=guidance_scale, seed=seed,
+        labels=labels or [], n=n, splits=[s.value for s in split or []], conditions=conditions, model=model,
+        runs_dir=runs_dir, out=out, sampler=_value(sampler), steps=steps, guidance_scale=guidance_scale, seed=seed,
         batch_size=batch_size, device=device, process=process, frames=frames, force=force,
         as_json=json_, quiet=quiet,
     )
@@ -244,8 +272,8 @@ def evaluate(
     from iclevr_diffusion.workflows import evaluate as workflow
 
     workflow.run(
-        splits=split or [], conditions=conditions, model=model, runs_dir=runs_dir, images=images,
-        evaluator=evaluator, data=data, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+        splits=[s.value for s in split or []], conditions=conditions, model=model, runs_dir=runs_dir, images=images,
+        evaluator=evaluator, data=data, sampler=_value(sampler), steps=steps, guidance_scale=guidance_scale,
         seeds=seeds, seed=seed, batch_size=batch_size, device=device, out=out, as_json=json_, quiet=quiet,
     )
 
@@ -273,12 +301,12 @@ def compare_timesteps(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the same model with several total timesteps T and compare loss, accuracy and speed."""
-    from iclevr_diffusion.config import load_config
+    from iclevr_diffusion.config import load_config, require_stop
     from iclevr_diffusion.workflows import compare as workflow
 
     flags = {"data.root": str(data) if data else None, "device": device, "seed": seed,
              "train.max_minutes": max_minutes, "train.max_steps": max_steps}
-    cfg = load_config(config or "compare-timesteps", set_ or [], flags)
+    cfg = require_stop(load_config(config or "compare-timesteps", set_ or [], flags))
     if dry_run:
         typer.echo(cfg.to_yaml())
         return
@@ -295,12 +323,14 @@ def make_data(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
     workers: Annotated[int, typer.Option("--workers", help="Rendering processes.")] = max(1, os.cpu_count() or 1),
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Render a synthetic i-CLEVR dataset in the real on-disk format."""
     from iclevr_diffusion.workflows import make_data as workflow
 
-    workflow.run(out=out, scenes=scenes, size=size, seed=seed, workers=workers, force=force, quiet=quiet)
+    workflow.run(out=out, scenes=scenes, size=size, seed=seed, workers=workers, force=force, quiet=quiet,
+                 as_json=json_)
 
 
 @app.command("train-evaluator")

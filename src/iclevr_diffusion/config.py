@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from iclevr_diffusion.data.iclevr import SPLITS as COURSE_SPLITS
+from iclevr_diffusion.data.iclevr import VALIDATION
 from iclevr_diffusion.errors import IclevrError
 
 
@@ -78,8 +80,8 @@ class TrainConfig:
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     min_snr_gamma: float | None = None  # DDPM only: min-SNR loss weighting (5 is the paper's value); None = off
     log_every: int = 25  # steps between metrics.jsonl lines
-    sample_every: int = 800  # steps between sample grids (0 = only at the end)
-    checkpoint_every: int = 500  # steps between training-state checkpoints
+    sample_every: int = 800  # steps between sample grids (0 = none during training, one at the end)
+    checkpoint_every: int = 500  # steps between training-state checkpoints (0 = only at the end and on Ctrl-C)
     keep_checkpoints: int = 3  # how many checkpoints to keep
     # Export the EMA model to snapshots/<M>min/ when the run's clock passes each of these minutes.
     snapshot_minutes: list[float] = field(default_factory=list)
@@ -152,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": ("heun", "euler", "dpm++", "dpm++sde")}
 CHOICES["sample.sampler"] = tuple(dict.fromkeys(n for names in SAMPLERS_BY_FORMULATION.values() for n in names))
 PRESETS = ("default", "seed", "full", "compare-timesteps")
+SPLITS = (*COURSE_SPLITS, VALIDATION)  # the packaged condition files: --split and eval.splits
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -309,14 +312,13 @@ def validate(cfg: Config) -> Config:
             f"model.attention has {len(m.attention)} entries but model.block_out_channels has "
             f"{len(m.block_out_channels)}; give one true/false per level."
         )
+    _validate_ranges(cfg)
     bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
     if bad:
         raise IclevrError(
             f"model.norm_num_groups={m.norm_num_groups} does not divide channel count(s) {bad}; "
             "change model.norm_num_groups or model.block_out_channels."
         )
-    if m.patch_size <= 0:
-        raise IclevrError(f"Config key 'model.patch_size' must be positive, got {m.patch_size}.")
     divisor = m.patch_size * 2 ** (len(m.block_out_channels) - 1)
     if cfg.data.image_size % divisor:
         raise IclevrError(
@@ -324,27 +326,101 @@ def validate(cfg: Config) -> Config:
             f"(model.patch_size {m.patch_size} x 2^{len(m.block_out_channels) - 1} for "
             f"{len(m.block_out_channels)} UNet levels)."
         )
-    positive = {
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum,
-        "schedule.num_train_timesteps": cfg.schedule.num_train_timesteps,
-        "sample.steps": cfg.sample.steps,
-        "sample.batch_size": cfg.sample.batch_size,
-        "eval.seeds": cfg.eval.seeds,
-        "data.image_size": cfg.data.image_size,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise IclevrError(f"Config key '{key}' must be positive, got {value}.")
+    _validate_combinations(cfg)
     _validate_formulation(cfg)
     if any(m <= 0 for m in cfg.train.snapshot_minutes):
         raise IclevrError(f"train.snapshot_minutes must be positive minutes, got {cfg.train.snapshot_minutes}.")
-    if not 0.0 <= cfg.train.label_dropout < 1.0:
-        raise IclevrError(f"train.label_dropout must be in [0, 1), got {cfg.train.label_dropout}.")
     for split in cfg.eval.splits:
-        if split not in ("test", "new_test", "val"):
+        if split not in SPLITS:
             raise IclevrError(f"eval.splits entry '{split}' is not a split; use test, new_test and/or val.")
     return cfg
+
+
+# Value ranges, checked one key at a time: (rule, keys). What 0 means where it is allowed is in RANGE_NOTES.
+RANGES = {
+    "positive": ("train.batch_size", "train.grad_accum", "train.lr", "train.log_every", "train.keep_checkpoints",
+                 "schedule.num_train_timesteps", "sample.steps", "sample.batch_size", "eval.seeds", "data.image_size",
+                 "data.synthetic_scenes", "model.layers_per_block", "model.attention_head_dim", "model.norm_num_groups",
+                 "model.patch_size", "model.num_classes"),
+    "0 or more": ("seed", "data.num_workers", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
+                  "train.sample_every", "train.checkpoint_every", "train.eval_every", "sample.guidance_scale"),
+    "in [0, 1)": ("model.dropout", "train.label_dropout", "train.ema_decay"),
+    "in (0, 1)": ("schedule.beta_start", "schedule.beta_end"),
+    "positive or null": ("train.max_steps", "train.epochs", "train.max_minutes", "train.min_snr_gamma",
+                         "schedule.sigma_data"),
+}
+RANGE_NOTES = {
+    "train.sample_every": " (0 = no grids during training, only the one at the end)",
+    "train.checkpoint_every": " (0 = no scheduled checkpoints, only at the end and on Ctrl-C)",
+    "train.eval_every": " (0 = no evaluations)",
+    "train.grad_clip": " (0 = no clipping)",
+    "sample.guidance_scale": " (1 = no guidance)",
+    "train.max_minutes": " (null = no time limit)",
+    "train.min_snr_gamma": " (null = off)",
+}
+_RULES = {
+    "positive": lambda v: v > 0,
+    "0 or more": lambda v: v >= 0,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "positive or null": lambda v: v is None or v > 0,
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for rule, keys in RANGES.items():
+        for key in keys:
+            target: Any = cfg
+            for part in key.split("."):
+                target = getattr(target, part)
+            if not _RULES[rule](target):
+                raise IclevrError(f"Config key '{key}' must be {rule}{RANGE_NOTES.get(key, '')}, got {target}.")
+    m = cfg.model
+    if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
+        raise IclevrError(f"model.block_out_channels must be positive channel counts, got {m.block_out_channels}.")
+    if any(x <= 0 for x in cfg.train.snapshot_minutes):
+        raise IclevrError(f"train.snapshot_minutes must be positive minutes, got {cfg.train.snapshot_minutes}.")
+
+
+def require_stop(cfg: Config) -> Config:
+    """A config to train with needs a stop condition (checked by `train` and `compare-timesteps` before any
+    work, --dry-run too; a config only used to build or sample a model does not)."""
+    t = cfg.train
+    if not (t.max_steps or t.epochs or t.max_minutes):
+        raise IclevrError("Set at least one of train.max_steps, train.epochs or train.max_minutes.")
+    return cfg
+
+
+def _validate_combinations(cfg: Config) -> None:
+    """Values that are each fine but do not fit together."""
+    m, sch, t = cfg.model, cfg.schedule, cfg.train
+    levels = [c for c, a in zip(m.block_out_channels, m.attention) if a]
+    levels += [m.block_out_channels[-1]] if m.mid_attention else []
+    if levels and m.attention_head_dim > min(levels):
+        raise IclevrError(
+            f"model.attention_head_dim={m.attention_head_dim} is more than the {min(levels)} channels of a level "
+            "with attention; lower model.attention_head_dim (it must fit in every attention level's channels)."
+        )
+    if sch.formulation == "ddpm":
+        if sch.beta_start >= sch.beta_end:
+            raise IclevrError(
+                f"schedule.beta_start ({sch.beta_start}) must be less than schedule.beta_end ({sch.beta_end})."
+            )
+        if sch.beta_schedule == "scaled_linear" and sch.beta_end * 1000 / sch.num_train_timesteps >= 1:
+            raise IclevrError(
+                f"schedule.beta_schedule=scaled_linear scales beta_end {sch.beta_end} by 1000/T to "
+                f"{sch.beta_end * 1000 / sch.num_train_timesteps:g}, which must stay below 1: raise "
+                "schedule.num_train_timesteps or lower schedule.beta_end."
+            )
+        if cfg.sample.sampler != "ddpm" and cfg.sample.steps > sch.num_train_timesteps:
+            raise IclevrError(
+                f"sample.steps={cfg.sample.steps} is more than schedule.num_train_timesteps="
+                f"{sch.num_train_timesteps}; lower sample.steps or raise schedule.num_train_timesteps."
+            )
+    if t.batch_size % t.grad_accum:
+        raise IclevrError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}."
+        )
 
 
 def _validate_formulation(cfg: Config) -> None:

@@ -377,8 +377,9 @@ def card_arch(card: dict) -> str:
 def describe(path: Path, kind: str) -> str:
     card = read_card(path)
     if card and isinstance(card.get("heldout_accuracy"), (int, float)):
+        shipped = " (shipped with the toolkit)" if card.get("source") == "shipped" else ""
         return (
-            f"own {ARCH_NAMES[card_arch(card)]} trained on {card.get('dataset', '?')} "
+            f"own {ARCH_NAMES[card_arch(card)]} trained on {card.get('dataset', '?')}{shipped} "
             f"({card['heldout_accuracy']:.1%} on held-out images), {path}"
         )
     if kind == "official":
@@ -470,9 +471,13 @@ def resolve_evaluator(
         from iclevr_diffusion.evaluator_training import ensure_evaluator
 
         if note is not None:
+            from iclevr_diffusion.evaluator_shipped import fits, shipped_evaluator
+
             why = "Its evaluator was trained on other labels" if stale else "No evaluator for it yet"
-            note(f"Built-in synthetic data: {why}: training its own small CNN once "
-                 "(a few minutes on a 2-core CPU; progress by epoch below).")
+            how = ("installing the small CNN shipped for it, after it scores the held-out images here"
+                   if fits(Path(data_root), shipped_evaluator()[1])
+                   else "training its own small CNN once (a few minutes on a 2-core CPU; progress by epoch below)")
+            note(f"Built-in synthetic data: {why}: {how}.")
         card = ensure_evaluator(data_root, progress=train_progress, device=device)
         path = Path(card["checkpoint"])
         choice = EvaluatorChoice(path, "own", describe(path, "own"))

@@ -404,7 +404,11 @@ def cached_card(root: Path, arch: str | None = None) -> dict | None:
     return card
 
 
-def ensure_evaluator(root: str | Path, progress: Progress | None = None, **kwargs) -> dict:
-    """The cached own evaluator of ROOT, trained first if it is missing or stale (first use)."""
+def ensure_evaluator(root: str | Path, progress: Progress | None = None, shipped=None, **kwargs) -> dict:
+    """The cached own evaluator of ROOT; on first use (missing or stale) the shipped one where it fits
+    ROOT (evaluator_shipped.py: seconds), else one trained on ROOT (minutes)."""
+    from iclevr_diffusion.evaluator_shipped import install_shipped  # it builds on this module
+
     root = Path(root)
-    return cached_card(root) or train_evaluator(root, progress=progress, **kwargs)
+    return (cached_card(root) or install_shipped(root, progress, shipped)
+            or train_evaluator(root, progress=progress, **kwargs))

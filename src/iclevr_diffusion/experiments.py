@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from iclevr_diffusion.config import Config
+from iclevr_diffusion.config import Config, validate
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.io import atomic_path, write_json, write_text
 from iclevr_diffusion.report import read_metrics
@@ -118,7 +118,7 @@ def run_configs(base: Config, timesteps: list[int], schedules: list[str]) -> lis
             cfg.schedule.num_train_timesteps = T
             cfg.schedule.beta_schedule = schedule
             cfg.name = f"T{T}-{schedule}"
-            runs.append((cfg.name, cfg))
+            runs.append((cfg.name, validate(cfg)))  # e.g. sample.steps above a small T: refused before training
     return runs
 
 
@@ -206,12 +206,10 @@ def _steps_done(run_dir: Path, rows: list[dict]) -> int:
 
 def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
     """Loss against step and wall-clock (raw, faint, with a smoothed line), and the fixed-level loss."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    fig = Figure(figsize=(15, 4.2), dpi=110)
+    axes = fig.subplots(1, 3)
     for i, (name, run_dir) in enumerate(runs):
         rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
         if not rows:
@@ -241,7 +239,6 @@ def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 def _rolling_mean(values: list[float]) -> list[float]:

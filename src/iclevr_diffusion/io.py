@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename.
 
 A crash or Ctrl-C in the middle of a write leaves the old file (or no file), never half of one.
+The file gets the permissions an ordinary `open(path, "w")` would give (0666 less the umask, so
+usually 0644), not mkstemp's private 0600.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise IclevrError(f"Cannot write to {path.parent}: {e.strerror}. Choose another output folder.") from None
     tmp_path = Path(tmp)
@@ -38,6 +43,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_permissions(folder: str | Path) -> None:
+    """Give every file under `folder` the mode open(path, "w") would (0666 less the umask): some writers
+    (safetensors) create their files 0600, which other users of a shared model folder cannot read."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

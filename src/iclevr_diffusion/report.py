@@ -1,6 +1,8 @@
 """The learning curve (loss.png) from metrics.jsonl; image grids live in images.py.
 
-matplotlib runs on the Agg backend (no display needed); every file is written atomically.
+Figures are drawn on a matplotlib `Figure` of their own (its Agg canvas renders the PNG), never through
+pyplot, so plotting neither needs a display nor switches the process-wide backend of a caller (a notebook,
+a GUI). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -29,13 +31,11 @@ def plot_loss(metrics: Path, out: Path, title: str | None = None) -> bool:
     rows = [r for r in read_metrics(metrics) if "loss" in r and "step" in r]
     if not rows:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", lw=1.2, label="loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (MSE)")
@@ -51,5 +51,4 @@ def plot_loss(metrics: Path, out: Path, title: str | None = None) -> bool:
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return True

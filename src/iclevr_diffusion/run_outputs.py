@@ -93,7 +93,9 @@ def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Ten
 
 
 def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
-    """model/ = ConditionalDDPMPipeline(EMA UNet, training scheduler) + run_config.yaml, swapped in atomically."""
+    """model/ = ConditionalDDPMPipeline(EMA UNet, training scheduler, the run's sampling defaults) + run_config.yaml,
+    swapped in atomically. Loads with ConditionalDDPMPipeline.from_pretrained or, with the package installed,
+    diffusers' DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)."""
     from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
 
     out = Path(out)
@@ -104,8 +106,11 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
         if p.exists():
             shutil.rmtree(p)
     try:
+        s = cfg.sample  # the run's sampler, steps and guidance: what the pipeline uses when not told otherwise
+        pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched, default_sampler=s.sampler,
+                                       default_steps=s.steps, default_guidance_scale=s.guidance_scale)
         with ema_weights(model, ema):
-            ConditionalDDPMPipeline(unet=model, scheduler=noise_sched).save_pretrained(tmp)
+            pipe.save_pretrained(tmp)
         (tmp / "run_config.yaml").write_text(cfg.to_yaml())
     except Exception as e:  # a full disk: OSError, or SafetensorError from safetensors
         raise ckpt.write_failed(tmp, out, e, "the model export", "The previous export is kept") from None

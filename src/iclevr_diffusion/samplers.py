@@ -33,6 +33,7 @@ from iclevr_diffusion.config import SAMPLERS_BY_FORMULATION
 from iclevr_diffusion.errors import IclevrError
 
 SAMPLERS = SAMPLERS_BY_FORMULATION["ddpm"]
+TIMESTEP_SPACING = "trailing"  # every DDPM-model sampler's (see the module docstring)
 
 
 def samplers_for(train_scheduler: SchedulerMixin) -> tuple[str, ...]:
@@ -53,7 +54,7 @@ def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     if is_edm(train_scheduler):
         return make_edm_sampler(name, train_scheduler)
     config = train_scheduler.config
-    common = {"timestep_spacing": "trailing"}
+    common = {"timestep_spacing": TIMESTEP_SPACING}
     clip = bool(config.get("clip_sample", True))
     clip_range = float(config.get("clip_sample_range", 1.0))
     solver_clip = {"thresholding": clip, "sample_max_value": clip_range, "dynamic_thresholding_ratio": 0.995}
@@ -76,6 +77,19 @@ def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config, **solver_clip, **common)
     raise IclevrError(f"Unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}.")
+
+
+def with_sampling_settings(train_scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The training DDPMScheduler with the timestep spacing every sampler here uses written into its config.
+
+    Saved with a model, it lets plain diffusers code make a sampler the usual way and get the toolkit's:
+    DDIMScheduler.from_config(pipe.scheduler.config) is `--sampler ddim` (DDIM's set_alpha_to_one defaults
+    to True, and clip_sample comes from the DDPM config), DDPMScheduler the same for `--sampler ddpm`.
+    Training ignores the spacing (it only matters to set_timesteps). Other schedulers are returned as they are.
+    """
+    if type(train_scheduler) is not DDPMScheduler or train_scheduler.config.timestep_spacing == TIMESTEP_SPACING:
+        return train_scheduler
+    return DDPMScheduler.from_config(train_scheduler.config, timestep_spacing=TIMESTEP_SPACING)
 
 
 def check_steps(steps: int, train_scheduler: SchedulerMixin) -> int:

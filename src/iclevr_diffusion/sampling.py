@@ -17,8 +17,9 @@ from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
-from iclevr_diffusion.samplers import check_steps, make_sampler, samplers_for, unreliable_sampler_message
+from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
+from iclevr_diffusion.pipeline import default_steps as pipeline_default_steps
+from iclevr_diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
 
 MODEL_DIR = "model"
 RUN_CONFIG = "run_config.yaml"
@@ -69,6 +70,10 @@ def load_pipeline(
     cfg = Config()
     if (folder / RUN_CONFIG).is_file():
         cfg = config_from_dict(read_config_yaml(folder / RUN_CONFIG))
+        if pipe.config.get("default_sampler") is None:  # exported before the defaults were saved with the model
+            pipe.register_to_config(default_sampler=cfg.sample.sampler, default_steps=cfg.sample.steps,
+                                    default_guidance_scale=cfg.sample.guidance_scale)
+    pipe.set_progress_bar_config(disable=True)  # the commands draw their own progress
     pipe.to(target)
     pipe.unet.eval()
     return pipe, cfg, folder
@@ -108,8 +113,7 @@ def resolve_sampling(
     (one line) when the sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
     """
     offered = samplers_for(pipe.scheduler)
-    # A model folder without its run config (cfg = the defaults) may be of the other formulation.
-    configured = cfg.sample.sampler if cfg.sample.sampler in offered else ("ddim" if "ddim" in offered else "heun")
+    configured = preferred_sampler(cfg.sample.sampler, pipe.scheduler)
     sampler = sampler or configured
     if sampler not in offered:
         raise IclevrError(f"Unknown sampler '{sampler}' for this model; choose one of: {', '.join(offered)}.")
@@ -126,15 +130,8 @@ def resolve_sampling(
 
 
 def default_steps(sampler: str, cfg: Config, train_scheduler) -> int:
-    """Steps when --steps is not given: the config's for its own sampler; ddpm the full chain of T; another
-    EDM sampler its own usual count (edm.EDM_DEFAULT_STEPS: about the network evaluations of Heun 18)."""
-    from iclevr_diffusion.edm import EDM_DEFAULT_STEPS, is_edm
-
-    if sampler == "ddpm":
-        return int(train_scheduler.config.num_train_timesteps)
-    if sampler != cfg.sample.sampler and is_edm(train_scheduler):
-        return EDM_DEFAULT_STEPS[sampler]
-    return cfg.sample.steps
+    """Steps when --steps is not given, by the run config (see pipeline.default_steps)."""
+    return pipeline_default_steps(sampler, cfg.sample.sampler, cfg.sample.steps, train_scheduler)
 
 
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
@@ -154,9 +151,9 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 def generate(
     pipe: ConditionalDDPMPipeline,
     conditions: Sequence[Sequence[str]],
-    sampler: str = "dpm++",
-    steps: int = 25,
-    guidance_scale: float = 1.0,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
@@ -165,38 +162,33 @@ def generate(
 ):
     """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches of `batch_size`.
 
+    sampler, steps, guidance_scale: None takes the pipeline's saved defaults (the run's `sample` section).
     Image i is seeded from (seed, i), so it does not depend on batch_size. `progress(n)` is called
     after every denoising step of a batch with n = the images in that batch, so a bar over
-    len(conditions) * steps fills exactly. `autocast=None` takes the measured default for the device
-    (bf16 on CPUs with native bf16). With `frames` > 0 also returns the (frames, N, 3, S, S)
-    denoising-process states (see ConditionalDDPMPipeline).
+    len(conditions) * steps fills exactly (the pipeline's own tqdm bar is off meanwhile).
+    `autocast=None` takes the measured default for the device (bf16 on CPUs with native bf16). With
+    `frames` > 0 also returns the (frames, N, 3, S, S) denoising-process states (see ConditionalDDPMPipeline).
     """
     if batch_size < 1:
         raise IclevrError(f"--batch-size must be positive, got {batch_size}.")
     if seed < 0:
         raise IclevrError(f"--seed must be 0 or more, got {seed}.")
-    train_scheduler = pipe.scheduler
-    pipe.scheduler = make_sampler(sampler, train_scheduler)
+    sampler, steps, guidance_scale = pipe.sampling_defaults(sampler, steps, guidance_scale)
     labels = labels_to_tensor(conditions, pipe.unet.config.num_classes, warn=False)  # input time warned
     chunks, strips = [], []
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    if progress is not None:
+        pipe.set_progress_bar_config(**{**bar_config, "disable": True})
     try:
         for i in range(0, len(labels), batch_size):
             batch = labels[i : i + batch_size]
-            out = pipe(
-                batch,
-                steps,
-                guidance_scale,
-                generator=image_generators(seed, i, len(batch)),
-                callback=progress,
-                autocast=autocast,
-                frames=frames,
-            )
+            out = pipe(batch, steps, guidance_scale, generator=image_generators(seed, i, len(batch)),
+                       callback=progress, autocast=autocast, frames=frames, sampler=sampler, output_type="pt")
+            chunks.append(out.images)
             if frames:
-                out, strip = out
-                strips.append(strip)
-            chunks.append(out)
+                strips.append(out.frames)
     finally:
-        pipe.scheduler = train_scheduler
+        pipe.set_progress_bar_config(**bar_config)
     images = torch.cat(chunks)
     if frames:
         return images, torch.cat(strips, dim=1)

@@ -434,7 +434,9 @@ def _stop_reason(
     if t.epochs and state["epoch"] >= t.epochs:
         return "epochs"
     out_of_time = budget_s and state["elapsed_s"] + reserve_s >= budget_s
-    if out_of_time or (budget_s and state["horizon"] and state["step"] >= state["horizon"]):
+    # A horizon planned from the time budget; one fixed by max_steps or epochs ends the run as those.
+    planned = budget_s and not (t.max_steps or t.epochs) and state["horizon"]
+    if out_of_time or (planned and state["step"] >= state["horizon"]):
         return "max_minutes"
     return None
 

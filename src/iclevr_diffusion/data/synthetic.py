@@ -141,6 +141,17 @@ def image_name(split: str, index: int, k: int) -> str:
     return f"CLEVR_{split}_{index:06d}_{k}.png"
 
 
+def label_files(scenes: int, seed: int = 0, heldout: int | None = None) -> dict[str, dict[str, list[str]]]:
+    """{"train": ..., "heldout": ...}: the label files `make_dataset` writes, without rendering an image
+    (what the shipped evaluator's fingerprint is checked against; see evaluator_shipped.py)."""
+    heldout = default_heldout(scenes) if heldout is None else heldout
+    out = {}
+    for split, stream, count in (("train", TRAIN, scenes), ("heldout", HELDOUT, heldout)):
+        out[split] = {image_name(split, i, k): scene_labels(seed, i, stream)[: k + 1]
+                      for i in range(count) for k in range(OBJECTS_PER_SCENE)}
+    return out
+
+
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     """Encode in memory, write a hidden temp file, rename: an interrupted run leaves no half image.
     (No fsync per image: that would cost more than the rendering; train.json is written last.)"""

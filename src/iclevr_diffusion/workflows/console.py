@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +25,9 @@ from rich.table import Table
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 LOG_TABLE_WIDTH = 240  # the widest a table gets in a log file or pipe
+# Seconds between plain progress lines when stderr is no terminal (a log file, nohup, a batch scheduler, CI),
+# where a bar cannot redraw; ICLEVR_PROGRESS_SECONDS sets another interval.
+LOG_EVERY = float(os.environ.get("ICLEVR_PROGRESS_SECONDS") or 30.0)
 
 
 class _Table(Table):
@@ -87,7 +92,7 @@ def progress_bar(
         yield lambda n=1, **fields: None
         return
     if log_every is not None and not err.is_terminal:
-        yield _plain_progress(description, total, log_every)
+        yield _plain_progress(description, total, log_every, extra)
         return
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -108,23 +113,41 @@ def progress_bar(
         yield advance
 
 
-def _plain_progress(description: str, total: int | None, every: float):
-    state = {"done": 0, "total": total, "last": time.monotonic(), "start": time.monotonic()}
+def _plain_progress(description: str, total: int | None, every: float, extra: str = ""):
+    """The bar's plain-line stand-in: the same advance(n, completed=, total=, description=, **fields) calls.
 
-    def advance(n: int = 1, completed: int | None = None, total: int | None = None, **fields) -> None:
+    `extra` is the bar's template of fields ("loss {task.fields[loss]} ..."); once every field has a value,
+    the line shows it instead of the time left estimated from the rate. A new description (e.g. "render
+    data", then "train") starts a new count and clock."""
+    start = time.monotonic()
+    state = {"done": 0, "total": total, "last": start, "start": start, "description": description, "fields": {}}
+    template = re.sub(r"\{task\.fields\[(\w+)\]\}", r"{\1}", extra)
+
+    def advance(n: int = 1, completed: int | None = None, total: int | None = None, description: str | None = None,
+                **fields) -> None:
+        now = time.monotonic()
+        if description is not None and description != state["description"]:
+            state.update(description=description, start=now, last=now, done=0)
         state["done"] = completed if completed is not None else state["done"] + n
         if total is not None:
             state["total"] = total
-        now, done, whole = time.monotonic(), state["done"], state["total"]
+        state["fields"].update(fields)
+        done, whole = state["done"], state["total"]
         finished = whole is not None and done >= whole
-        if not finished and now - state["last"] < every:
+        if not finished and (now - state["last"] < every or done == 0):
             return
         state["last"] = now
         rate = done / max(now - state["start"], 1e-9)
-        parts = [f"{description}: {done}/{whole if whole is not None else '?'}", f"{rate:.1f}/s"]
+        parts = [f"{state['description']}: {done}/{whole if whole is not None else '?'}", f"{rate:.1f}/s"]
+        try:
+            shown = template.format(**state["fields"]) if template else ""
+        except (KeyError, IndexError):
+            shown = ""  # a field not reported yet
         if finished:
             parts.append(f"done in {duration(now - state['start'])}")
-        elif whole is not None and rate > 0:
+        if shown:
+            parts.append(" ".join(shown.split()))
+        elif not finished and whole is not None and rate > 0:
             parts.append(f"about {duration((whole - done) / rate)} left")
         plain_line(", ".join(parts))
 

@@ -13,17 +13,24 @@ from iclevr_diffusion.workflows import console
 
 
 def run(out: Path, scenes: int = 6003, size: str | int = 64, seed: int = 0, workers: int = 1,
-        force: bool = False, quiet: bool = False) -> None:
+        force: bool = False, quiet: bool = False, as_json: bool = False) -> None:
     """Render `scenes` scenes (3 images each, plus a 5% held-out set) into `out`."""
     synthetic.validate_request(out, scenes, size, seed, workers, force)  # fail before drawing a bar
     with console.progress_bar("Rendering", synthetic.planned_images(scenes), quiet=quiet) as advance:
         summary = synthetic.make_dataset(
             Path(out), scenes=scenes, size=size, seed=seed, workers=workers, force=force, progress=advance
         )
-    _print_summary(summary)
+    _print_summary(summary, as_json)
 
 
-def _print_summary(summary: synthetic.DatasetSummary) -> None:
+def _print_summary(summary: synthetic.DatasetSummary, as_json: bool = False) -> None:
+    if as_json:
+        console.print_json({
+            "root": str(summary.root), "scenes": summary.scenes, "images": summary.images,
+            "heldout_images": summary.heldout_images, "seconds": round(summary.seconds, 3),
+            "images_per_second": round(summary.images_per_second, 1),
+        })
+        return
     images = summary.images + summary.heldout_images
     console.out.print(
         f"Wrote {images:,} images ({summary.images:,} train + {summary.heldout_images:,} held-out) to "

@@ -145,7 +145,7 @@ def run(
             manifest["images"] += [{"file": f"{name}/{i}.png", "group": name, "labels": c} for i, c in enumerate(conds)]
         if process_labels is not None:
             advance(0, group="process")
-            _, strip = pipe(
+            strip = pipe(
                 [process_labels],
                 steps,
                 guidance,
@@ -153,7 +153,8 @@ def run(
                 frames=frames,
                 callback=lambda k: advance(k),
                 sampler=sampler,
-            )
+                output_type="pt",
+            ).frames
             save_strip(strip[:, 0], out / "process.png")
             manifest["process"] = {"file": "process.png", "labels": process_labels, "frames": len(strip)}
 

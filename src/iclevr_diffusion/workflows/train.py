@@ -27,9 +27,12 @@ def _duration(seconds: float | None) -> str:
 @contextmanager
 def train_progress(name: str, quiet: bool = False) -> Iterator:
     """A progress(event, **info) callback for `training.train` that drives one bar on stderr:
-    data rendering on first use, then steps with loss, images/s and time left; notes are printed."""
+    data rendering on first use, then steps with loss, images/s and time left; notes are printed.
+    Where stderr is no terminal the bar is a plain line "train: STEP/TOTAL, RATE/s, loss L  I img/s  T left"
+    every console.LOG_EVERY seconds and at the end."""
     extra = "loss {task.fields[loss]}  {task.fields[ips]} img/s  {task.fields[left]} left"
-    with console.progress_bar(name, None, quiet=quiet, extra=extra) as advance:
+    # No terminal (nohup, a batch scheduler, CI): a plain line every console.LOG_EVERY seconds instead of the bar.
+    with console.progress_bar(name, None, quiet=quiet, extra=extra, log_every=console.LOG_EVERY) as advance:
         done = {"step": 0}
 
         def progress(event: str, **info) -> None:
@@ -55,7 +58,8 @@ def train_progress(name: str, quiet: bool = False) -> Iterator:
         yield progress
 
 
-def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, quiet: bool = False) -> None:
+def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, quiet: bool = False,
+        as_json: bool = False) -> None:
     from iclevr_diffusion.model import ConditionalUNet, count_parameters
     from iclevr_diffusion.training import train
 
@@ -76,6 +80,15 @@ def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, 
     if not main:
         return
     samples = sorted((run_dir / "samples").glob("step_*.png"))
+    if as_json:
+        console.print_json({
+            "run_dir": str(run_dir), "step": result.step, "epoch": result.epoch, "stopped_by": result.stopped_by,
+            "loss": result.loss, "images_per_s": result.images_per_s, "elapsed_s": round(result.elapsed_s, 3),
+            "mixed_precision": result.mixed_precision, "parameters": params,
+            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "model_dir": str(result.model_dir), "latest_samples": str(samples[-1]) if samples else None,
+        })
+        return
     rows = [
         ("run folder", str(run_dir)),
         ("steps", result.step),

@@ -6,10 +6,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from iclevr_diffusion.workflows import console
 from iclevr_diffusion.workflows.console import duration, err, plain_line, print_json, progress_bar, table
 from iclevr_diffusion.workflows.console import out as stdout
 
-LOG_EVERY = 30.0  # seconds between progress lines within an epoch when stderr is no terminal
+LOG_EVERY = console.LOG_EVERY  # seconds between progress lines within an epoch when stderr is no terminal
 
 
 def synthetic_root(quiet: bool = False, scenes: int | None = None) -> Path:

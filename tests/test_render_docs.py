@@ -1,0 +1,190 @@
+"""benchmarks/render_docs.py: the published tables are what the results files say, and --check notices when not."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "render_docs.py"
+
+spec = importlib.util.spec_from_file_location("render_docs", SCRIPT)
+render_docs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(render_docs)
+
+MACHINE = {
+    "command": "python benchmarks/quality_at_steps.py --seeds 2",
+    "commit": "abc1234",
+    "cpu": "Test CPU",
+    "cpu_flags": ["avx2", "avx512f"],
+    "cores": 2,
+    "torch": "2.0+cpu",
+    "torch_threads": 1,
+    "date": "2026-01-01T00:00:00+00:00",
+}
+MARKED = "# Doc\n\nBefore.\n\n<!-- render:quality_at_steps results/q.json -->\n<!-- /render -->\n\nAfter.\n"
+
+
+def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def tiny_results(tmp_path: Path, means=(41.67, 58.93), machine=MACHINE) -> Path:
+    rows = [
+        {
+            "recipe": "default",
+            "steps": 1150,
+            "split": split,
+            "conditions": 32,
+            "mean": mean,
+            "spread": 5.64,
+            "seeds": [mean - 1, mean + 1],
+            "sampler": "heun",
+            "sampler_steps": 18,
+            "guidance": 3.0,
+        }
+        for split, mean in zip(("test", "new_test"), means)
+    ]
+    (tmp_path / "results").mkdir(exist_ok=True)
+    path = tmp_path / "results" / "q.json"
+    path.write_text(json.dumps({"machine": machine, "batch_size": 16, "rows": rows}))
+    return path
+
+
+def test_committed_readme_and_benchmarks_are_what_the_results_files_render():
+    out = cli("--check")
+    assert out.returncode == 0, (
+        f"stale rendered sections (run python benchmarks/render_docs.py):\n{out.stdout}{out.stderr}"
+    )
+    for name in render_docs.DOCS:  # the check covered real sections, not files without markers
+        assert (ROOT / name).read_text().count("<!-- render:") >= 1
+
+
+def test_check_names_the_stale_section_and_write_mode_fixes_it(tmp_path):
+    tiny_results(tmp_path)
+    doc = tmp_path / "DOC.md"
+    doc.write_text(MARKED)
+
+    stale = cli("--check", doc)
+    assert stale.returncode == 1
+    assert stale.stdout.strip().splitlines() == [
+        "DOC.md:5: section 'render:quality_at_steps results/q.json' is stale; run python benchmarks/render_docs.py"
+    ]
+    assert doc.read_text() == MARKED  # --check writes nothing
+
+    assert cli(doc).returncode == 0
+    text = doc.read_text()
+    assert (
+        "| **the default preset** | 1,150 (18,400) | heun 18, guidance 3 | **41.7% ± 5.6** | **58.9% ± 5.6** |" in text
+    )
+    assert "Spread: population standard deviation over seeds, in percentage points. Seeds: 2." in text
+    assert "Conditions per split: test 32, new_test 32." in text
+    assert (
+        "Source: `results/q.json`; command: `python benchmarks/quality_at_steps.py --seeds 2`; commit: abc1234; "
+        "CPU: Test CPU (avx2, avx512f), 2 cores; torch 2.0+cpu; torch threads: 1; date: 2026-01-01"
+    ) in text
+    assert text.startswith("# Doc\n\nBefore.\n\n") and text.endswith("<!-- /render -->\n\nAfter.\n")
+    assert cli("--check", doc).returncode == 0
+    assert list(tmp_path.glob(".DOC.md.*")) == []  # the atomic write left no temporary file
+
+    # A number edited by hand in the rendered text is caught...
+    doc.write_text(text.replace("41.7% ± 5.6", "44.7% ± 5.6"))
+    assert cli("--check", doc).returncode == 1
+    # ...and so is a results file that changed after the text was rendered.
+    assert cli(doc).returncode == 0
+    tiny_results(tmp_path, means=(50.0, 58.93))
+    assert cli("--check", doc).returncode == 1
+    assert cli(doc).returncode == 0
+    assert "**50.0% ± 5.6**" in doc.read_text()
+
+
+def test_an_older_file_without_machine_details_says_not_recorded(tmp_path):
+    tiny_results(tmp_path, machine={"cpu": "AMD EPYC", "cores": 2, "torch": "2.14.1+cu130"})
+    doc = tmp_path / "DOC.md"
+    doc.write_text(MARKED)
+    assert cli(doc).returncode == 0
+    assert (
+        "command: not recorded; commit: not recorded; CPU: AMD EPYC (flags not recorded), 2 cores; "
+        "torch 2.14.1+cu130; torch threads: not recorded; date: not recorded."
+    ) in doc.read_text()
+
+
+def test_main_job_spread_is_the_population_sd_of_the_seeds_not_the_files_accuracy_std():
+    result = {
+        "split": "test",
+        "images": 32,
+        "accuracies": [0.5, 0.6, 0.5, 0.6],
+        "accuracy": 0.55,
+        "accuracy_std": 0.0577,
+        "sampler": "heun",
+        "steps": 18,
+        "guidance_scale": 3.0,
+    }
+    data = {"machine": MACHINE, "steps": 10, "train_wall_s": 831.5, "evaluate": {"results": [result]}}
+    assert render_docs.main_job_accuracy(data) == {"test": (55.0, pytest.approx(5.0), 4, 32)}
+    lines = render_docs.main_job([("main_job.json", data)], {})
+    assert (
+        "| accuracy on test (32 conditions, 4 seeds, heun 18, guidance 3) | **55.0% ± 5.0** "
+        "(seeds 50.0 / 60.0 / 50.0 / 60.0) |" in lines
+    )
+    assert "| `iclevr-diff train`, wall clock (rendering the built-in set included) | 13:52 |" in lines
+
+
+def test_evaluator_table_reads_the_current_results_shape():
+    """benchmarks/evaluator.py's `evaluators` dict (what a re-run writes), not only the older card files."""
+    summary = {
+        "heldout_accuracy": 99.11,
+        "first_use_s": 118.5,
+        "first_use_gflop": 8347.3,
+        "parameters": 137128,
+        "epochs": 8,
+        "batch_size": 64,
+        "lr": 0.01,
+        "precision": "bf16 autocast",
+        "cpu": "Intel Xeon",
+        "threads": 1,
+        "heldout": {"hits": 1784, "labels": 1800, "per_shape": {"cube": 0.997}},
+    }
+    data = {
+        "machine": MACHINE,
+        "evaluators": {
+            "small-cnn": summary,
+            "resnet18": {**summary, "heldout_accuracy": 99.28, "parameters": 11189336},
+        },
+        "generated": {
+            "images": 64,
+            "source": "runs/x/model",
+            "accuracy": {"small-cnn": 60.0, "resnet18": 61.5},
+            "difference_points": 1.5,
+            "images_scored_alike": 0.8,
+        },
+    }
+    lines = render_docs.evaluator([("evaluator.json", data)], {})
+    assert lines[0] == "| what | small-cnn (`evaluator.json`) | resnet18 (`evaluator.json`) |"
+    assert "| held-out accuracy | **99.11%** (1,784/1,800 labels) | **99.28%** (1,784/1,800 labels) |" in lines
+    assert "| parameters | 137,128 | 11,189,336 |" in lines
+    assert "| training (first use) time | 118.5 s | 118.5 s |" in lines
+    assert any(line.startswith("On 64 generated images") and "1.50 points apart" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "marker, message",
+    [
+        ("<!-- render:no_such_table results/q.json -->\n<!-- /render -->\n", "unknown table kind 'no_such_table'"),
+        ("<!-- render:quality_at_steps results/missing.json -->\n<!-- /render -->\n", "missing.json not found"),
+        ("<!-- render:quality_at_steps results/q.json -->\nno end marker\n", "no matching '<!-- /render -->'"),
+    ],
+)
+def test_a_bad_marker_or_missing_file_is_one_error_line(tmp_path, marker, message):
+    tiny_results(tmp_path)
+    doc = tmp_path / "DOC.md"
+    doc.write_text(marker)
+    out = cli("--check", doc)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
+    assert doc.read_text() == marker
