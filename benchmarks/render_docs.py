@@ -41,6 +41,8 @@ RECIPES = {
     "edm-adagn-lr4e-3": "EDM + AdaGN, lr 4e-3",
     "edm-adagn-lr2e-3-p08": "EDM + AdaGN, lr 2e-3, EDM2's noise levels (P_mean -0.8, P_std 1.6)",
     "edm-adagn-lr2e-3": "EDM + AdaGN, lr 2e-3",
+    "default-lpb2": "the default, 2 resnet layers per level (1.7x the time per step)",
+    "default-w48": "the default, 1.5x the width: 48/96/192 (1.9x the time per step)",
     "default": "**the default preset**",
 }
 NFE = {"heun": lambda n: 2 * n - 1}  # network evaluations per sample; other samplers: one per step

@@ -126,3 +126,18 @@ def test_evaluator(tmp_path):
     assert found, out[-2000:]
     small, resnet, apart = (float(found[i]) for i in (1, 2, 3))
     assert apart == approx(abs(small - resnet), abs=0.011) and (found[4] is None) == (apart <= float(found[5]))
+
+
+def test_slow_cpu(tmp_path):
+    data = smoke("slow_cpu.py", tmp_path)
+    speeds = data["training_images_per_s"]
+    simulated = [row for key, row in speeds.items() if key.endswith("simulated AVX2-only")]
+    assert set(speeds) == {"default native", "default simulated AVX2-only"} and len(simulated) == 1
+    # The simulation really runs torch as an AVX2-only CPU without native bf16 (so fp32, as there).
+    assert all(row["cpu_capability"] == "AVX2" and row["bf16"] is False for row in simulated)
+    for mode, key in (("native", "default native"), ("simulated", "default simulated AVX2-only")):
+        assert data["main_job_steps"][mode] == int(speeds[key]["images_per_s"] * 14 * 60 / 16)
+    first = data["evaluate_first_use"]
+    assert set(first) == {"native", "simulated"}
+    assert all(set(r["accuracy"]) == {"test", "new_test"} and r["seconds"] > r["sampling_seconds"] > 0
+               for r in first.values())
