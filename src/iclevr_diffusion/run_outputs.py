@@ -14,27 +14,25 @@ import torch
 
 from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import Config
+from iclevr_diffusion.run_folder import RUN_CONFIG, RunFolder
 
 SAMPLE_CONDITIONS = 32  # the first 32 test.json conditions, 8 per row
 
 
-class RunFiles:
-    """The run folder's files (main process only)."""
+class RunFiles(RunFolder):
+    """Writing the run folder's files (main process only); the names are RunFolder's."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.checkpoints = run_dir / ckpt.CHECKPOINTS
-        self.samples = run_dir / "samples"
-        self.snapshots = run_dir / "snapshots"  # EMA exports at train.snapshot_minutes
-        self.metrics = run_dir / "metrics.jsonl"
+    @property
+    def run_dir(self) -> Path:
+        return self.root
 
     def start(self, cfg: Config, step: int) -> None:
         from iclevr_diffusion.io import write_text
 
-        for d in (self.run_dir, self.checkpoints, self.samples):
+        for d in (self.root, self.checkpoints, self.samples):
             d.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temps(self.checkpoints)
-        write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        write_text(self.config, cfg.to_yaml())
         self._truncate(step)
 
     def _truncate(self, step: int) -> None:
@@ -111,7 +109,7 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
                                        default_steps=s.steps, default_guidance_scale=s.guidance_scale)
         with ema_weights(model, ema):
             pipe.save_pretrained(tmp)
-        (tmp / "run_config.yaml").write_text(cfg.to_yaml())
+        (tmp / RUN_CONFIG).write_text(cfg.to_yaml())
     except Exception as e:  # a full disk: OSError, or SafetensorError from safetensors
         raise ckpt.write_failed(tmp, out, e, "the model export", "The previous export is kept") from None
     if out.exists():
@@ -152,13 +150,14 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
             scores[split] = evaluation.score_images(judge, images, multi_hot_batch(conditions)).accuracy
     mean = sum(scores.values()) / len(scores)
     row = {"step": step, **scores, "mean": mean}
-    with open(run_dir / "eval.jsonl", "a") as f:
+    folder = RunFolder(run_dir)
+    with open(folder.eval_log, "a") as f:
         f.write(json.dumps(row) + "\n")
-    best_file = run_dir / "best" / "best.json"
+    best_file = folder.best_file
     best = json.loads(best_file.read_text())["mean"] if best_file.exists() else -math.inf
     emit("note", message=f"step {step}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if mean > best:
-        export_model(model, ema, noise_sched, cfg, run_dir / "best")
+        export_model(model, ema, noise_sched, cfg, folder.best)
         write_json(best_file, row)
         emit("note", message=f"new best at step {step}: mean accuracy {mean:.3f} (saved to best/)")
     return row

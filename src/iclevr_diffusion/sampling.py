@@ -1,8 +1,7 @@
 """Loading an exported model and drawing images for lists of label lists.
 
-A run folder looks like runs/NAME/{config.yaml, model/, checkpoints/, ...}; `model/` is a
-ConditionalDDPMPipeline.save_pretrained folder (model_index.json, unet/, scheduler/) plus
-`run_config.yaml`, the resolved config of the run that made it.
+A run folder (run_folder.py) holds `model/`, a ConditionalDDPMPipeline.save_pretrained folder
+(model_index.json, unet/, scheduler/) plus `run_config.yaml`, the resolved config of the run that made it.
 """
 
 from __future__ import annotations
@@ -19,36 +18,10 @@ from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
 from iclevr_diffusion.pipeline import default_steps as pipeline_default_steps
+from iclevr_diffusion.run_folder import MODEL_DIR as MODEL_DIR  # re-exported: used by callers before run_folder
+from iclevr_diffusion.run_folder import RUN_CONFIG, find_model_dir
+from iclevr_diffusion.run_folder import newest_model as newest_model
 from iclevr_diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
-
-MODEL_DIR = "model"
-RUN_CONFIG = "run_config.yaml"
-
-
-def newest_model(runs_dir: Path) -> Path:
-    """The exported model of the most recently trained run under `runs_dir`."""
-    found = sorted(Path(runs_dir).glob(f"*/{MODEL_DIR}/model_index.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise IclevrError(
-            f"No trained model found under {runs_dir}/. Train one with 'iclevr-diff train' or pass --model."
-        )
-    return found[-1].parent
-
-
-def find_model_dir(model: Path | None, runs_dir: Path = Path("runs")) -> Path:
-    """Accept an exported model folder or a run folder (which holds model/)."""
-    if model is None:
-        return newest_model(runs_dir)
-    model = Path(model)
-    if (model / "model_index.json").is_file():
-        return model
-    if (model / MODEL_DIR / "model_index.json").is_file():
-        return model / MODEL_DIR
-    if not model.exists():
-        raise IclevrError(f"--model {model} does not exist.")
-    raise IclevrError(
-        f"--model {model} holds no exported model (model_index.json); give a run folder or its model/ folder."
-    )
 
 
 def load_pipeline(

@@ -39,6 +39,7 @@ from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.losses import diffusion_loss, drop_labels
 from iclevr_diffusion.model import ConditionalUNet
+from iclevr_diffusion.run_folder import RunFolder, snapshot_name
 from iclevr_diffusion.run_outputs import RunFiles, ema_weights, evaluate_hook, export_model, sample_images
 from iclevr_diffusion.schedule import make_train_scheduler
 
@@ -221,7 +222,7 @@ def train(
                           "ema": ema_state}
             path = ckpt.finish(tmp, state["step"], unwrapped.state_dict(), list(ema.shadow_params),
                                opt.state_dict(), full_state, cfg.to_yaml(), t_cfg.keep_checkpoints)
-            export_model(unwrapped, ema, noise_sched, cfg, run_dir / "model")
+            export_model(unwrapped, ema, noise_sched, cfg, paths.model)
             emit("note", message=f"checkpoint {path.name} ({reason})")
         accelerator.wait_for_everyone()
         return path
@@ -236,8 +237,8 @@ def train(
             start = clock()
             with ema_weights(unwrapped, ema):
                 images = sample_images(unwrapped, noise_sched, cfg)
-            save_grid(images, paths.samples / f"{ckpt.step_dir_name(state['step'])}.png")
-            plot_loss(paths.metrics, run_dir / "loss.png")
+            save_grid(images, paths.sample_grid(state["step"]))
+            plot_loss(paths.metrics, paths.loss_plot)
             grid_s[0] = clock() - start
         accelerator.wait_for_everyone()
 
@@ -333,7 +334,7 @@ def train(
                 if t_cfg.sample_every and step % t_cfg.sample_every == 0:
                     sample_grid()
                 for mark in _due_snapshots(t_cfg.snapshot_minutes, state["elapsed_s"], paths.snapshots) if main else ():
-                    export_model(unwrapped, ema, noise_sched, cfg, paths.snapshots / snapshot_name(mark))
+                    export_model(unwrapped, ema, noise_sched, cfg, paths.snapshot(mark))
                     emit("note", message=f"snapshot {snapshot_name(mark)} at step {step}")
                 if t_cfg.eval_every and step % t_cfg.eval_every == 0:
                     root = getattr(data, "root", cfg.data.root)
@@ -362,13 +363,13 @@ def train(
     if state["step"] != saved_step:
         save_all("end")
     elif main:
-        export_model(unwrapped, ema, noise_sched, cfg, run_dir / "model")
-    if state["step"] > start_step or not (paths.samples / f"{ckpt.step_dir_name(state['step'])}.png").exists():
+        export_model(unwrapped, ema, noise_sched, cfg, paths.model)
+    if state["step"] > start_step or not paths.sample_grid(state["step"]).exists():
         sample_grid()
     result = TrainResult(
         run_dir=run_dir, step=state["step"], epoch=state["epoch"], loss=last_loss, images_per_s=last_ips,
         elapsed_s=state["elapsed_s"], stopped_by=stopped_by if state["step"] > start_step else "complete",
-        mixed_precision=mp, resumed_from=source["path"] if source else None, model_dir=run_dir / "model",
+        mixed_precision=mp, resumed_from=source["path"] if source else None, model_dir=paths.model,
     )
     emit("end", result=result)
     accelerator.end_training()
@@ -439,10 +440,6 @@ def _stop_reason(
     if out_of_time or (planned and state["step"] >= state["horizon"]):
         return "max_minutes"
     return None
-
-
-def snapshot_name(minutes: float) -> str:
-    return f"{minutes:g}min"
 
 
 def _due_snapshots(marks: list[float], elapsed_s: float, folder: Path) -> list[float]:
@@ -545,7 +542,7 @@ def _resume_candidates(run_dir: Path, resume: Path | None) -> list[Path]:
     """--resume PATH (a named checkpoint is used as is; a folder falls back to older ones), else run_dir's."""
     if resume is not None:
         return ckpt.find_resume_source(Path(resume))[0]
-    return list(reversed(ckpt.list_checkpoints(run_dir / ckpt.CHECKPOINTS)))
+    return list(reversed(ckpt.list_checkpoints(RunFolder(run_dir).checkpoints)))
 
 
 def _check_compatible(cfg: Config, source: dict, run_dir: Path) -> None:

@@ -89,8 +89,9 @@ def run(
         from iclevr_diffusion import sampling
 
         pipe, cfg, model_dir = sampling.load_pipeline(model, runs_dir, device)
-        run_dir = model_dir.parent if model_dir.name == sampling.MODEL_DIR else model_dir
-        out_dir = Path(out) if out is not None else run_dir / "eval"
+        from iclevr_diffusion.run_folder import RunFolder
+
+        out_dir = Path(out) if out is not None else RunFolder.of_model(model_dir).root / "eval"
     batch = batch_size or cfg.sample.batch_size
     n_seeds = seeds or cfg.eval.seeds
     first_seed = cfg.seed if seed is None else seed

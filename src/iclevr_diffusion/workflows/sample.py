@@ -48,8 +48,9 @@ def collect_groups(
 
 def default_out(model_dir: Path, sampler: str, steps: int) -> Path:
     """RUN/samples-<sampler>-<steps> next to RUN/model, or inside a stand-alone exported model."""
-    run_dir = model_dir.parent if model_dir.name == "model" else model_dir
-    return run_dir / f"samples-{sampler}-{steps}"
+    from iclevr_diffusion.run_folder import RunFolder
+
+    return RunFolder.of_model(model_dir).root / f"samples-{sampler}-{steps}"
 
 
 def check_out(out: Path, force: bool) -> None:
