@@ -144,9 +144,8 @@ def accuracy_on_splits(
 ) -> tuple[dict[str, float | None], str]:
     """Accuracy on test and new_test with the run's fast sampler, and the evaluator's name."""
     from iclevr_diffusion.data.iclevr import SPLITS, load_conditions
-    from iclevr_diffusion.evaluation import resolve_evaluator, score_images
-    from iclevr_diffusion.labels import multi_hot_batch
-    from iclevr_diffusion.sampling import generate
+    from iclevr_diffusion.evaluation import resolve_evaluator
+    from iclevr_diffusion.scoring import sample_and_score
 
     net, choice = resolve_evaluator(
         cfg.eval.evaluator, data_root, pipe.device, note=note, synthetic_scenes=cfg.data.synthetic_scenes
@@ -154,9 +153,8 @@ def accuracy_on_splits(
     s = cfg.sample
     acc: dict[str, float | None] = {}
     for split in SPLITS:
-        conditions = load_conditions(split)
-        images = generate(pipe, conditions, s.sampler, s.steps, s.guidance_scale, cfg.seed, s.batch_size)
-        acc[split] = score_images(net, images, multi_hot_batch(conditions)).accuracy
+        acc[split] = sample_and_score(pipe, net, load_conditions(split), s.sampler, s.steps, s.guidance_scale,
+                                      cfg.seed, s.batch_size).accuracy
     return acc, choice.name
 
 

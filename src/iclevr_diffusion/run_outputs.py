@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -71,23 +73,37 @@ class ema_weights:
         return False
 
 
-def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
-    """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
-    from iclevr_diffusion.data.iclevr import load_conditions
+@contextmanager
+def sampling_pipeline(model, noise_sched) -> Iterator:
+    """The model being trained as a pipeline, in eval mode while inside (its own mode again after)."""
     from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
-    from iclevr_diffusion.sampling import generate
 
-    conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
     pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched)
     pipe.set_progress_bar_config(disable=True)
     was_training = model.training
     model.eval()
     try:
-        s = cfg.sample
-        steps = s.steps if s.sampler != "ddpm" else min(s.steps, noise_sched.config.num_train_timesteps)
-        return generate(pipe, conditions, s.sampler, steps, s.guidance_scale, seed=cfg.seed, batch_size=s.batch_size)
+        yield pipe
     finally:
         model.train(was_training)
+
+
+def sampling_recipe(cfg: Config, noise_sched) -> dict:
+    """The cfg.sample sampler, steps (ddpm: at most T), guidance, seed and batch size, as keywords."""
+    s = cfg.sample
+    steps = s.steps if s.sampler != "ddpm" else min(s.steps, noise_sched.config.num_train_timesteps)
+    return {"sampler": s.sampler, "steps": steps, "guidance_scale": s.guidance_scale, "seed": cfg.seed,
+            "batch_size": s.batch_size}
+
+
+def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
+    """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.sampling import generate
+
+    conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
+    with sampling_pipeline(model, noise_sched) as pipe:
+        return generate(pipe, conditions, **sampling_recipe(cfg, noise_sched))
 
 
 def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
@@ -139,15 +155,14 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
         return None
     from iclevr_diffusion.data.iclevr import load_conditions
     from iclevr_diffusion.io import write_json
-    from iclevr_diffusion.labels import multi_hot_batch
+    from iclevr_diffusion.scoring import sample_and_score
 
     judge = evaluation.load_evaluator(choice.path, next(model.parameters()).device)
     scores = {}
-    with ema_weights(model, ema):
+    with ema_weights(model, ema), sampling_pipeline(model, noise_sched) as pipe:
         for split in cfg.eval.splits:
-            conditions = load_conditions(split)
-            images = sample_images(model, noise_sched, cfg, conditions)
-            scores[split] = evaluation.score_images(judge, images, multi_hot_batch(conditions)).accuracy
+            scores[split] = sample_and_score(pipe, judge, load_conditions(split),
+                                             **sampling_recipe(cfg, noise_sched)).accuracy
     mean = sum(scores.values()) / len(scores)
     row = {"step": step, **scores, "mean": mean}
     folder = RunFolder(run_dir)

@@ -77,6 +77,7 @@ def run(
     from iclevr_diffusion.evaluation import load_image_folder, score_images, scored_grid
     from iclevr_diffusion.io import save_image, write_json
     from iclevr_diffusion.labels import multi_hot_batch
+    from iclevr_diffusion.scoring import sample_and_score
 
     dev = resolve_device(device)
     pipe = model_dir = None
@@ -119,10 +120,11 @@ def run(
             started = time.perf_counter()
             if pipe is None:
                 imgs = loaded[name]
+                score = score_images(net, imgs, targets)
             else:
                 with progress_bar(f"{name} seed {s}", len(conds) * steps, quiet, log_every=LOG_EVERY) as advance:
-                    imgs = sampling.generate(pipe, conds, sampler, steps, guidance, s, batch, progress=advance)
-            score = score_images(net, imgs, targets)
+                    done = sample_and_score(pipe, net, conds, sampler, steps, guidance, s, batch, progress=advance)
+                imgs, score = done.images, done.score
             secs.append(time.perf_counter() - started)  # sampling + scoring
             accs.append(score.accuracy)
             pooled = score if pooled is None else _pool(pooled, score)
