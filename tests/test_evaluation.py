@@ -12,12 +12,12 @@ from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.evaluation import (
     accuracy,
     build_evaluator,
-    find_evaluator,
     load_evaluator,
     load_image_folder,
     score_outputs,
     scored_grid,
 )
+from iclevr_diffusion.evaluator_choice import find_evaluator
 from iclevr_diffusion.labels import LABEL_INDEX, multi_hot_batch
 
 

@@ -26,9 +26,9 @@ from iclevr_diffusion.evaluation import (
     flops_per_image,
     load_evaluator,
     parameter_count,
-    resolve_evaluator,
     save_checkpoint,
 )
+from iclevr_diffusion.evaluator_choice import resolve_evaluator
 from iclevr_diffusion.evaluator_training import cached_card, fingerprint, resolve_precision, time_precisions
 
 runner = CliRunner()

@@ -1,6 +1,6 @@
 """Training the toolkit's own evaluator where the course's checkpoint.pth is absent.
 
-Two architectures (evaluation.py): for a user's dataset the official one (torchvision ResNet18,
+Two architectures (evaluator_networks.py): for a user's dataset the official one (torchvision ResNet18,
 random init, fc = Linear(512, 24) + Sigmoid), saved in the same format ({"model": state_dict}); for
 the built-in synthetic data a small CNN ("small-cnn", ~15x fewer FLOPs per image, saved as
 {"model": state_dict, "arch": "small-cnn"}), so the first `evaluate` on it takes minutes, not an hour,
@@ -37,7 +37,8 @@ from iclevr_diffusion import __version__
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
 from iclevr_diffusion.devices import cpu_model
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import (
+from iclevr_diffusion.evaluation import score_images
+from iclevr_diffusion.evaluator_networks import (
     ARCH_DESCRIPTIONS,
     ARCHS,
     CARD_NAME,
@@ -48,10 +49,12 @@ from iclevr_diffusion.evaluation import (
     build_evaluator,
     card_arch,
     flops_per_image,
+    is_builtin_synthetic,
+    load_checkpoint,
     own_evaluator_path,
     parameter_count,
+    read_card,
     save_checkpoint,
-    score_images,
 )
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.labels import to_multi_hot
@@ -137,8 +140,6 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 def default_arch(root: str | Path) -> str:
     """The small CNN for the built-in synthetic data, the course's ResNet18 for any other dataset."""
-    from iclevr_diffusion.evaluation import is_builtin_synthetic
-
     return SMALL_CNN if is_builtin_synthetic(root) else RESNET18
 
 
@@ -163,8 +164,6 @@ def train_evaluator(
     after each step (info: epoch, loss, images_per_s, eta_s); "epoch done" after each epoch (done =
     epochs finished; info: heldout_accuracy, loss, images_per_s, eta_s, seconds); "scoring held-out images".
     """
-    from iclevr_diffusion.evaluation import load_checkpoint, read_card
-
     root = Path(root)
     device = torch.device(device)
     init_state = None
@@ -369,8 +368,6 @@ def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
 
 
 def dataset_name(root: Path) -> str:
-    from iclevr_diffusion.evaluation import is_builtin_synthetic
-
     return "built-in synthetic i-CLEVR" if is_builtin_synthetic(root) else root.resolve().name
 
 
@@ -402,13 +399,3 @@ def cached_card(root: Path, arch: str | None = None) -> dict | None:
         return None
     card["checkpoint"] = str(ckpt)
     return card
-
-
-def ensure_evaluator(root: str | Path, progress: Progress | None = None, shipped=None, **kwargs) -> dict:
-    """The cached own evaluator of ROOT; on first use (missing or stale) the shipped one where it fits
-    ROOT (evaluator_shipped.py: seconds), else one trained on ROOT (minutes)."""
-    from iclevr_diffusion.evaluator_shipped import install_shipped  # it builds on this module
-
-    root = Path(root)
-    return (cached_card(root) or install_shipped(root, progress, shipped)
-            or train_evaluator(root, progress=progress, **kwargs))

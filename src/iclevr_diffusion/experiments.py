@@ -144,7 +144,7 @@ def accuracy_on_splits(
 ) -> tuple[dict[str, float | None], str]:
     """Accuracy on test and new_test with the run's fast sampler, and the evaluator's name."""
     from iclevr_diffusion.data.iclevr import SPLITS, load_conditions
-    from iclevr_diffusion.evaluation import resolve_evaluator
+    from iclevr_diffusion.evaluator_choice import resolve_evaluator
     from iclevr_diffusion.scoring import sample_and_score
 
     net, choice = resolve_evaluator(

@@ -139,17 +139,15 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
     """Score the EMA model on cfg.eval.splits with the ResNet18 evaluator; keep best/ when it improves.
 
     The evaluator is cfg.eval.evaluator, else the data root's checkpoint.pth or its own trained one
-    (`iclevr_diffusion.evaluation.find_evaluator`). Without one, evaluation is skipped with a note.
+    (`iclevr_diffusion.evaluator_choice.find_evaluator`). Without one, evaluation is skipped with a note.
     Writes eval.jsonl (step, accuracy per split, mean) and best/ (an export like model/ + best.json).
     """
     if not main:
         return None
-    try:
-        from iclevr_diffusion import evaluation
-    except ImportError:
-        emit("note", message="evaluation skipped: iclevr_diffusion.evaluation is not available")
-        return None
-    choice = evaluation.find_evaluator(cfg.eval.evaluator, data_root)
+    from iclevr_diffusion.evaluator_choice import find_evaluator
+    from iclevr_diffusion.evaluator_networks import load_evaluator
+
+    choice = find_evaluator(cfg.eval.evaluator, data_root)
     if choice is None:
         emit("note", message="evaluation skipped: no evaluator (set eval.evaluator, or 'iclevr-diff train-evaluator')")
         return None
@@ -157,7 +155,7 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
     from iclevr_diffusion.io import write_json
     from iclevr_diffusion.scoring import sample_and_score
 
-    judge = evaluation.load_evaluator(choice.path, next(model.parameters()).device)
+    judge = load_evaluator(choice.path, next(model.parameters()).device)
     scores = {}
     with ema_weights(model, ema), sampling_pipeline(model, noise_sched) as pipe:
         for split in cfg.eval.splits:

@@ -42,9 +42,9 @@ def images_folder(images: Path, name: str, several: bool) -> Path:
 
 
 def choose_evaluator(evaluator, root: Path | None, device, quiet: bool, scenes: int | None = None):
-    """(network, EvaluatorChoice) as evaluation.resolve_evaluator picks it, with progress bars for the
+    """(network, EvaluatorChoice) as evaluator_choice.resolve_evaluator picks it, with progress bars for the
     first-use rendering of the built-in set and training of its evaluator."""
-    from iclevr_diffusion.evaluation import resolve_evaluator
+    from iclevr_diffusion.evaluator_choice import resolve_evaluator
 
     if evaluator is None and root is None:
         synthetic_root(quiet, scenes)  # renders the built-in set on first use, with a bar
