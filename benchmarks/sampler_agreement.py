@@ -139,9 +139,9 @@ def main(argv=None) -> dict:
 
 
 def _bf16(pipe) -> bool:
-    from iclevr_diffusion.pipeline import autocast_default
+    from iclevr_diffusion.precision import sampling_autocast
 
-    return autocast_default(pipe.unet.device)
+    return sampling_autocast(pipe.unet.device)
 
 
 def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -> None:

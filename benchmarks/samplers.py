@@ -28,7 +28,7 @@ from scoring import benchmark_evaluator
 
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.io import atomic_path, write_json
-from iclevr_diffusion.pipeline import autocast_default
+from iclevr_diffusion.precision import sampling_autocast
 from iclevr_diffusion.sampling import generate, load_pipeline
 from iclevr_diffusion.scoring import sample_and_score
 
@@ -73,7 +73,7 @@ def run_one(pipe, sets, sampler, steps, guidance, seeds, batch_size, net, autoca
         "sampler": sampler,
         "steps": steps,
         "guidance_scale": guidance,
-        "precision": "bf16" if (autocast_default(pipe.unet.device) if autocast is None else autocast) else "fp32",
+        "precision": "bf16" if (sampling_autocast(pipe.unet.device) if autocast is None else autocast) else "fp32",
         "accuracy": hits / labels,
         "per_set": {k: h / n for k, (h, n) in per_set.items()},
         "images": images,

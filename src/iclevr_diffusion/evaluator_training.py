@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from iclevr_diffusion import __version__
+from iclevr_diffusion import __version__, precision
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
 from iclevr_diffusion.devices import cpu_model
 from iclevr_diffusion.errors import IclevrError
@@ -319,30 +319,16 @@ def train_evaluator(
     return card
 
 
-def default_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast can be fast here at all: CUDA with bf16, or a CPU with native bf16 (oneDNN
-    says so). On such a CPU it is not always faster (ResNet18 on a Xeon with AMX: not), so training
-    decides by timing: `resolve_precision`."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(
     model: nn.Module, device: torch.device, bf16: bool | None, batch: int = 32
 ) -> tuple[bool, dict | None]:
-    """(use bf16 autocast, the timing that decided it or None): as asked; on CUDA bf16 where supported;
-    on a CPU without native bf16 fp32; on one with it, whichever `time_precisions` measures faster
+    """(use bf16 autocast, the timing that decided it or None): as asked, else by the precision policy
+    (precision.measured_bf16): on a CPU with native bf16 whichever `time_precisions` measures faster
     (bf16 only if BF16_MARGIN faster: it rounds, so a tie goes to fp32)."""
     if bf16 is not None:
         return bf16, None
-    if device.type != "cpu" or not default_bf16(device):
-        return default_bf16(device), None
-    timing = time_precisions(model, batch)
-    return timing["bf16_images_per_s"] >= BF16_MARGIN * timing["fp32_images_per_s"], timing
+    return precision.measured_bf16(device, lambda: time_precisions(model, batch),
+                                   lambda t: t["bf16_images_per_s"] >= BF16_MARGIN * t["fp32_images_per_s"])
 
 
 def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
@@ -353,17 +339,8 @@ def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
     device = next(probe.parameters()).device
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1).to(device)
-    best = {False: math.inf, True: math.inf}
-    for i in range(rounds + 1):
-        for bf16 in (False, True):
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = probe(x)
-            out.float().square().mean().backward()
-            probe.zero_grad(set_to_none=True)
-            if i:
-                best[bf16] = min(best[bf16], time.perf_counter() - start)
-    return {"fp32_images_per_s": round(batch / best[False], 1), "bf16_images_per_s": round(batch / best[True], 1),
+    fp32_s, bf16_s = precision.time_passes(lambda: probe(x).float().square().mean(), probe, device.type, rounds)
+    return {"fp32_images_per_s": round(batch / fp32_s, 1), "bf16_images_per_s": round(batch / bf16_s, 1),
             "batch": batch}
 
 

@@ -36,6 +36,7 @@ from iclevr_diffusion.labels import MAX_OBJECTS, multi_hot_batch, parse_labels
 # ConditionalUNet) only from modules already imported; importing it here means importing the
 # pipeline is all a user needs before from_pretrained.
 from iclevr_diffusion.model import ConditionalUNet  # noqa: F401
+from iclevr_diffusion.precision import sampling_autocast
 from iclevr_diffusion.samplers import check_steps, make_sampler, samplers_for, with_sampling_settings
 
 LabelsArg = torch.Tensor | str | Sequence[str | Sequence[str]]
@@ -60,29 +61,6 @@ def labels_to_tensor(labels: LabelsArg, num_classes: int = 24, warn: bool = True
     if cond.ndim != 2 or cond.shape[1] != num_classes:
         raise IclevrError(f"labels must have shape (B, {num_classes}), got {tuple(cond.shape)}.")
     return cond
-
-
-def autocast_default(device: torch.device) -> bool:
-    """bf16 autocast where it is measured to be faster without changing the images noticeably.
-
-    On this project's 2-core AMD EPYC (avx512_bf16), UNet forwards at 64x64, batch 64, fp32 vs bf16
-    side by side on a machine shared with other jobs: default preset 10.9 -> 24.6 images/s (1 thread)
-    and 6.5 -> 13.3 (2 threads); the report's seed preset 5.8 -> 7.2 and 3.7 -> 5.5. The UNet output
-    moves by 1.2% (relative L2); the final images of 25 DPM-Solver++ steps by 0.002 on average
-    (random-weight model). `benchmarks/samplers.py` scores an fp32 row beside the bf16 ones on a
-    trained model. On CUDA the default stays fp32 until measured there.
-    """
-    return device.type == "cpu" and _cpu_has_bf16()
-
-
-def _cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 dot products (avx512_bf16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: stay in fp32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass
@@ -197,7 +175,7 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
             raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance_scale}.")
         device = self.unet.device
         if autocast is None:
-            autocast = autocast_default(device)
+            autocast = sampling_autocast(device)
         cond = labels_to_tensor(labels, self.unet.config.num_classes).to(device)
         batch = cond.shape[0]
         if isinstance(generator, list) and len(generator) != batch:

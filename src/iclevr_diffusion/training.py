@@ -19,13 +19,11 @@ max_steps or epochs set as well, those fix the horizon and the budget only cuts 
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 
 from iclevr_diffusion import checkpoints as ckpt
+from iclevr_diffusion import precision
 from iclevr_diffusion.batches import BatchOrder, batches, build_dataset
 from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.devices import resolve_device
@@ -70,20 +69,20 @@ def resolve_mixed_precision(
     micro_batch: int,
     note: Callable[[str], None] | None = None,  # told the measured figures
 ) -> str:
-    """'auto' -> fp16/bf16 on CUDA; on CPU bf16 only if two timed steps of *this* model say it is faster.
-
-    bf16 autocast helps the large convolutions of a real-size UNet on CPUs with bf16 instructions but
-    slows tiny models down (measured: benchmarks/train_speed.py), so the CPU choice is measured.
-    """
+    """'auto' -> fp16/bf16 on CUDA; on a CPU with native bf16, bf16 only if timed steps of *this* model
+    say it is faster (precision.py: it helps the large convolutions of a real-size UNet but slows tiny
+    models down, measured in benchmarks/train_speed.py); fp32 elsewhere."""
     mp = cfg.train.mixed_precision
     if mp != "auto":
         return mp
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type != "cpu":
+        return "bf16" if precision.native_bf16(device) else "fp16"
+    use_bf16, timing = precision.measured_bf16(device, lambda: _time_precisions(model, cfg, micro_batch),
+                                               lambda t: t[1] < t[0])
+    if timing is None:
         return "no"
-    fp32_s, bf16_s = _time_precisions(model, cfg, micro_batch)
-    choice = "bf16" if bf16_s < fp32_s else "no"
+    fp32_s, bf16_s = timing
+    choice = "bf16" if use_bf16 else "no"
     if note:
         picked = "bf16" if choice == "bf16" else "fp32"
         note(f"mixed_precision auto: fp32 {micro_batch / fp32_s:.1f} images/s, bf16 autocast "
@@ -92,29 +91,18 @@ def resolve_mixed_precision(
 
 
 def _time_precisions(model: torch.nn.Module, cfg: Config, batch: int, rounds: int = 3) -> tuple[float, float]:
-    """Time forward+backward passes in fp32 and bf16, alternating (other jobs' load hits both alike);
-    the fastest pass of each decides. One untimed pass of each first: lazy kernel set-up."""
+    """Seconds of the fastest fp32 and bf16 training pass of this model (precision.time_passes)."""
     rng = torch.get_rng_state()  # dropout draws from the global stream: leave it as it was
     gen = torch.Generator().manual_seed(0)
     size = cfg.data.image_size
     x = torch.randn(batch, 3, size, size, generator=gen)
     labels = torch.zeros(batch, cfg.model.num_classes)
     sched = make_train_scheduler(cfg.schedule)
-    best = {False: math.inf, True: math.inf}
     try:
-        for i in range(rounds + 1):
-            for bf16 in (False, True):
-                ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-                start = time.perf_counter()
-                with ctx:
-                    loss = diffusion_loss(model, sched, x, labels, generator=gen)
-                loss.backward()
-                if i > 0:
-                    best[bf16] = min(best[bf16], time.perf_counter() - start)
+        return precision.time_passes(lambda: diffusion_loss(model, sched, x, labels, generator=gen), model, "cpu",
+                                     rounds)
     finally:
-        model.zero_grad(set_to_none=True)
         torch.set_rng_state(rng)
-    return best[False], best[True]
 
 
 def train(

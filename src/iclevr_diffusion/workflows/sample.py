@@ -99,7 +99,7 @@ def run(
         raise IclevrError(f"--frames must be at least 2 (noise and the final image), got {frames}.")
 
     from iclevr_diffusion.images import save_grid, save_pngs, save_strip
-    from iclevr_diffusion.pipeline import autocast_default
+    from iclevr_diffusion.precision import sampling_autocast
     from iclevr_diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
 
     pipe, cfg, model_dir = load_pipeline(model, runs_dir, device or "auto")
@@ -112,7 +112,7 @@ def run(
         raise IclevrError(f"--seed must be 0 or more, got {seed}.")
     out = Path(out) if out is not None else default_out(model_dir, sampler, steps)
     check_out(out, force)
-    bf16 = autocast_default(pipe.unet.device)
+    bf16 = sampling_autocast(pipe.unet.device)
 
     total_images = sum(len(conds) for _, conds in groups)
     total = (total_images + (1 if process_labels else 0)) * steps
