@@ -1,7 +1,7 @@
 """One precision policy (bf16 autocast or fp32) for training, sampling and the evaluator.
 
-- Where bf16 can be fast at all (`native_bf16`): CUDA with bf16 support, or a CPU with native bf16
-  dot products (avx512_bf16 or AMX). Elsewhere bf16 is emulated, and slower than fp32.
+- Where bf16 can be fast at all (`native_bf16`): CUDA with bf16 support, or a CPU where oneDNN runs
+  bf16 natively (avx512_bf16 or AMX). Elsewhere bf16 is emulated, and slower than fp32.
 - Sampling (`sampling_autocast`): bf16 autocast on CPUs with native bf16, fp32 elsewhere (CUDA stays
   fp32 until measured there). Measured on this project's 2-core AMD EPYC (avx512_bf16), UNet forwards
   at 64x64, batch 64, fp32 vs bf16 side by side on a machine shared with other jobs: default preset
@@ -29,13 +29,13 @@ T = TypeVar("T")
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU has native bf16 dot products (avx512_bf16 or AMX); elsewhere bf16 is emulated."""
+    """True where oneDNN runs bf16 natively (avx512_bf16 or AMX); elsewhere bf16 is emulated and slow.
+    Asking oneDNN rather than /proc/cpuinfo also honours ONEDNN_MAX_CPU_ISA (e.g. AVX2: a way to make a
+    CPU behave like an AVX2-only one)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: stay in fp32
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def native_bf16(device: torch.device) -> bool:
