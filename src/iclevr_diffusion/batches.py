@@ -102,3 +102,24 @@ def batches(
     for idx in index_lists:
         items = [dataset[i] for i in idx]
         yield torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:
+    """Images per process per forward pass: train.batch_size split over accumulation and processes."""
+    per = batch_size // (grad_accum * world)
+    if per * grad_accum * world != batch_size:
+        raise IclevrError(
+            f"train.batch_size={batch_size} must be divisible by train.grad_accum={grad_accum} x {world} "
+            "process(es); change train.batch_size."
+        )
+    return per
+
+
+def augment(images, labels, cfg: Config, gen: torch.Generator, device):
+    """data.hflip flips, drawn from the run's generator so they resume exactly; channels_last; to device."""
+    if cfg.data.hflip:
+        flip = torch.rand(images.shape[0], generator=gen) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

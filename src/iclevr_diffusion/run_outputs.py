@@ -57,6 +57,11 @@ class RunFiles(RunFolder):
             f.write(json.dumps(row) + "\n")
 
 
+def due_snapshots(marks: list[float], elapsed_s: float, folder: RunFolder) -> list[float]:
+    """train.snapshot_minutes marks passed by now and not exported yet (a resumed run does not redo them)."""
+    return [m for m in marks if m * 60 <= elapsed_s and not folder.snapshot(m).is_dir()]
+
+
 class ema_weights:
     """Context: the model holds the EMA weights inside, its own weights again after."""
 
