@@ -51,12 +51,8 @@ def build_dataset(
 
     root = cfg.data.root
     if root is None:
-        try:
-            from iclevr_diffusion.data.synthetic import COMPLETE, cached_root, default_dataset_root, planned_images
-        except ImportError:
-            raise IclevrError(
-                "The built-in synthetic dataset is not available in this version; pass --data PATH_TO_ICLEVR."
-            ) from None
+        from iclevr_diffusion.data.synthetic import COMPLETE, cached_root, default_dataset_root, planned_images
+
         scenes = cfg.data.synthetic_scenes
         if note:
             fresh = not (cached_root(scenes) / COMPLETE).is_file()
@@ -71,7 +67,7 @@ def build_dataset(
 
         root = default_dataset_root(scenes, progress=tick)
     # Flips are applied by the loop from its own generator (resumable), never inside the dataset.
-    dataset = ICLEVRDataset(root, cfg.data.image_size, cfg.data.resize, cfg.data.images, hflip=False)
+    dataset = ICLEVRDataset(root, cfg.data.image_size, cfg.data.resize, cfg.data.images)
     return CachedImages(dataset)
 
 

@@ -25,8 +25,10 @@ from diffusers.models import UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from iclevr_diffusion.config import Config
+from iclevr_diffusion.config import Config, DataConfig, ModelConfig
 from iclevr_diffusion.edm import EDM_TIMESTEP_SCALE
+
+_DATA, _MODEL = DataConfig(), ModelConfig()  # the recipe's defaults: one home, config.py
 
 
 class ConditionalUNet(ModelMixin, ConfigMixin):
@@ -35,15 +37,17 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 64,
-        num_classes: int = 24,
-        block_out_channels: tuple[int, ...] = (32, 64, 96, 128),
-        attention: tuple[bool, ...] = (False, True, True, True),
-        layers_per_block: int = 2,
-        attention_head_dim: int = 8,
-        norm_num_groups: int = 32,
-        dropout: float = 0.0,
-        mid_attention: bool = True,
+        sample_size: int = _DATA.image_size,
+        num_classes: int = _MODEL.num_classes,
+        block_out_channels: tuple[int, ...] = tuple(_MODEL.block_out_channels),
+        attention: tuple[bool, ...] = tuple(_MODEL.attention),
+        layers_per_block: int = _MODEL.layers_per_block,
+        attention_head_dim: int = _MODEL.attention_head_dim,
+        norm_num_groups: int = _MODEL.norm_num_groups,
+        dropout: float = _MODEL.dropout,
+        mid_attention: bool = _MODEL.mid_attention,
+        # Keys added after the first release: their defaults are what a model folder saved before they
+        # existed means (diffusers fills a key missing from config.json with the default), not the recipe.
         patch_size: int = 1,
         time_scale_shift: str = "default",
         timestep_scale: float = 1.0,

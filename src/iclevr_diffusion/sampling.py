@@ -131,16 +131,15 @@ def generate(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     autocast: bool | None = None,
-    frames: int = 0,
-):
+) -> torch.Tensor:
     """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches of `batch_size`.
 
     sampler, steps, guidance_scale: None takes the pipeline's saved defaults (the run's `sample` section).
     Image i is seeded from (seed, i), so it does not depend on batch_size. `progress(n)` is called
     after every denoising step of a batch with n = the images in that batch, so a bar over
     len(conditions) * steps fills exactly (the pipeline's own tqdm bar is off meanwhile).
-    `autocast=None` takes the measured default for the device (bf16 on CPUs with native bf16). With
-    `frames` > 0 also returns the (frames, N, 3, S, S) denoising-process states (see ConditionalDDPMPipeline).
+    `autocast=None` takes the precision policy's default for the device (precision.sampling_autocast).
+    The denoising-process strip comes from the pipeline itself (`pipe(..., frames=F)`).
     """
     if batch_size < 1:
         raise IclevrError(f"--batch-size must be positive, got {batch_size}.")
@@ -148,7 +147,7 @@ def generate(
         raise IclevrError(f"--seed must be 0 or more, got {seed}.")
     sampler, steps, guidance_scale = pipe.sampling_defaults(sampler, steps, guidance_scale)
     labels = labels_to_tensor(conditions, pipe.unet.config.num_classes, warn=False)  # input time warned
-    chunks, strips = [], []
+    chunks = []
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if progress is not None:
         pipe.set_progress_bar_config(**{**bar_config, "disable": True})
@@ -156,13 +155,8 @@ def generate(
         for i in range(0, len(labels), batch_size):
             batch = labels[i : i + batch_size]
             out = pipe(batch, steps, guidance_scale, generator=image_generators(seed, i, len(batch)),
-                       callback=progress, autocast=autocast, frames=frames, sampler=sampler, output_type="pt")
+                       callback=progress, autocast=autocast, sampler=sampler, output_type="pt")
             chunks.append(out.images)
-            if frames:
-                strips.append(out.frames)
     finally:
         pipe.set_progress_bar_config(**bar_config)
-    images = torch.cat(chunks)
-    if frames:
-        return images, torch.cat(strips, dim=1)
-    return images
+    return torch.cat(chunks)
