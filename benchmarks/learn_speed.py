@@ -28,12 +28,12 @@ from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
-from iclevr_diffusion.losses import diffusion_loss
-from iclevr_diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.sampling import load_pipeline
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.run_folder import RunFolder
-from iclevr_diffusion.sampling import load_pipeline
-from iclevr_diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import train
+from iclevr_diffusion.training.loop import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learn_speed.json"
 A3 = "model.block_out_channels=[64, 128, 128]"

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from machine_info import machine
 
-from iclevr_diffusion.checkpoints import list_checkpoints
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training.checkpoints import list_checkpoints
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -28,10 +28,10 @@ from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.diffusion.sampling import load_pipeline
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.run_folder import RunFolder
-from iclevr_diffusion.sampling import load_pipeline
-from iclevr_diffusion.training import train
+from iclevr_diffusion.training.loop import train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

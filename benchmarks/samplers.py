@@ -27,10 +27,10 @@ from machine_info import machine
 from scoring import benchmark_evaluator
 
 from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.evaluator.scoring import sample_and_score
 from iclevr_diffusion.io import atomic_path, write_json
 from iclevr_diffusion.precision import sampling_autocast
-from iclevr_diffusion.sampling import generate, load_pipeline
-from iclevr_diffusion.scoring import sample_and_score
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from iclevr_diffusion.scoring import sample_and_score
+from iclevr_diffusion.evaluator.scoring import sample_and_score
 
 
 def benchmark_evaluator(smoke: bool, evaluator=None, root: Path | None = None, device="cpu", scenes=None):
     """(network in eval mode, name): the one `iclevr-diff evaluate` picks, or for --smoke a randomly
     initialised ResNet18 (its numbers mean nothing; the code path runs in seconds)."""
     if smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
+        from iclevr_diffusion.evaluator.metric import build_evaluator
 
         torch.manual_seed(0)
         return build_evaluator().eval(), "random ResNet18 (smoke)"

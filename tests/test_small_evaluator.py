@@ -14,11 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_dataset
-from iclevr_diffusion import evaluator_training, precision
+from iclevr_diffusion import precision
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import (
+from iclevr_diffusion.evaluator import training as evaluator_training
+from iclevr_diffusion.evaluator.choice import resolve_evaluator
+from iclevr_diffusion.evaluator.metric import (
     RESNET18,
     SMALL_CNN,
     SmallCNN,
@@ -28,8 +30,7 @@ from iclevr_diffusion.evaluation import (
     parameter_count,
     save_checkpoint,
 )
-from iclevr_diffusion.evaluator_choice import resolve_evaluator
-from iclevr_diffusion.evaluator_training import cached_card, fingerprint, resolve_precision, time_precisions
+from iclevr_diffusion.evaluator.training import cached_card, fingerprint, resolve_precision, time_precisions
 
 runner = CliRunner()
 TINY_SCENES = 3  # 9 training images + 1 held-out scene (3 images): renders in about a second

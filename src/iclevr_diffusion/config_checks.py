@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
 }
-# The samplers each formulation offers (samplers.py, edm.py); the config accepts any of them.
+# The samplers each formulation offers (diffusion/samplers.py, diffusion/edm.py); the config accepts any of them.
 SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": ("heun", "euler", "dpm++", "dpm++sde")}
 CHOICES["sample.sampler"] = tuple(dict.fromkeys(n for names in SAMPLERS_BY_FORMULATION.values() for n in names))
 PRESETS = ("default", "seed", "full", "compare-timesteps")

@@ -9,8 +9,8 @@
   and 3.7 -> 5.5. The UNet output moves by 1.2% (relative L2); the final images of 25 DPM-Solver++
   steps by 0.002 on average (random-weight model). `benchmarks/samplers.py` scores an fp32 row beside
   the bf16 ones on a trained model.
-- Training (train.mixed_precision=auto, training.py) and the evaluator's training
-  (evaluator_training.py): on such a CPU bf16 is not always faster (it helps the large convolutions of
+- Training (train.mixed_precision=auto, training/loop.py) and the evaluator's training
+  (evaluator/training.py): on such a CPU bf16 is not always faster (it helps the large convolutions of
   a real-size UNet, slows tiny models down, and does nothing for ResNet18 on a Xeon with AMX), so a few
   forward+backward passes of the network itself are timed in both (`time_passes`) and the faster one
   is used (`measured_bf16`). On CUDA bf16 where supported.

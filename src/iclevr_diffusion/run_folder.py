@@ -11,8 +11,8 @@
         eval.jsonl, best/     accuracy during training (train.eval_every) and the best export so far
         DONE.json             written by compare-timesteps when a run has finished
 
-Only names and paths live here (no torch): the writers are training.py, run_outputs.py and
-checkpoints.py; the readers are sampling, evaluation, compare-timesteps and the benchmarks.
+Only names and paths live here (no torch): the writers are training/ (loop, run_outputs, checkpoints);
+the readers are diffusion/sampling.py, the workflows, compare-timesteps and the benchmarks.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from iclevr_diffusion.config import Config, config_from_dict
-from iclevr_diffusion.edm import edm_loss
+from iclevr_diffusion.diffusion.edm import edm_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.io import write_text
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
 from iclevr_diffusion.run_folder import RUN_CONFIG, RunFolder
-from iclevr_diffusion.schedule import make_train_scheduler
 
 
 def tiny_config(

@@ -32,11 +32,11 @@ def run(
     as_json: bool = False,
     quiet: bool = False,
 ) -> list[dict]:
-    from iclevr_diffusion import experiments as ex
-    from iclevr_diffusion.batches import build_dataset
+    from iclevr_diffusion.diffusion.schedule import make_train_scheduler
     from iclevr_diffusion.io import write_json, write_text
-    from iclevr_diffusion.schedule import make_train_scheduler
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.training import timestep_comparison as ex
+    from iclevr_diffusion.training.batches import build_dataset
+    from iclevr_diffusion.training.loop import train
     from iclevr_diffusion.workflows.train import train_progress
 
     if cfg.schedule.formulation != "ddpm":

@@ -98,9 +98,9 @@ def run(
     if process_labels is not None and frames < 2:
         raise IclevrError(f"--frames must be at least 2 (noise and the final image), got {frames}.")
 
+    from iclevr_diffusion.diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
     from iclevr_diffusion.images import save_grid, save_pngs, save_strip
     from iclevr_diffusion.precision import sampling_autocast
-    from iclevr_diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
 
     pipe, cfg, model_dir = load_pipeline(model, runs_dir, device or "auto")
     sampler, steps, guidance = resolve_sampling(cfg, pipe, sampler, steps, guidance_scale)

@@ -61,8 +61,8 @@ def train_progress(name: str, quiet: bool = False) -> Iterator:
 
 def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, quiet: bool = False,
         as_json: bool = False) -> None:
-    from iclevr_diffusion.model import ConditionalUNet, count_parameters
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+    from iclevr_diffusion.training.loop import train
 
     run_dir = Path(runs_dir) / cfg.name
     # Under torchrun / accelerate launch every process runs this; only rank 0 talks to the user, or

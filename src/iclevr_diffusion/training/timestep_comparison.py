@@ -76,7 +76,7 @@ class FixedLevelProbe:
     def __call__(self, step: int, model: torch.nn.Module) -> dict[str, float]:
         if self.every <= 0 or (step % self.every and step != 1):  # step 1: where every curve starts
             return {}
-        from iclevr_diffusion.losses import target_for
+        from iclevr_diffusion.diffusion.losses import target_for
 
         was_training = model.training
         model.eval()
@@ -131,7 +131,7 @@ def _tail_mean(values: list[float], share: float = 0.1) -> float | None:
 
 
 def _sampling_seconds(pipe, sampler: str, steps: int, images: int, seed: int) -> float:
-    from iclevr_diffusion.sampling import generate
+    from iclevr_diffusion.diffusion.sampling import generate
 
     conditions = [["red sphere", "cyan cylinder", "cyan cube"]] * images
     start = time.perf_counter()
@@ -144,8 +144,8 @@ def accuracy_on_splits(
 ) -> tuple[dict[str, float | None], str]:
     """Accuracy on test and new_test with the run's fast sampler, and the evaluator's name."""
     from iclevr_diffusion.data.iclevr import SPLITS, load_conditions
-    from iclevr_diffusion.evaluator_choice import resolve_evaluator
-    from iclevr_diffusion.scoring import sample_and_score
+    from iclevr_diffusion.evaluator.choice import resolve_evaluator
+    from iclevr_diffusion.evaluator.scoring import sample_and_score
 
     net, choice = resolve_evaluator(
         cfg.eval.evaluator, data_root, pipe.device, note=note, synthetic_scenes=cfg.data.synthetic_scenes
@@ -167,7 +167,7 @@ def summarize_run(
     note: Callable[[str], None],
 ) -> RunResult:
     """Loss, accuracy and sampling time of one finished run."""
-    from iclevr_diffusion.sampling import load_pipeline
+    from iclevr_diffusion.diffusion.sampling import load_pipeline
 
     rows = read_metrics(RunFolder(run_dir).metrics)
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -274,6 +274,6 @@ def probe_every(cfg: Config) -> int:
 
 
 def final_alpha_bar_of(cfg: Config) -> float:
-    from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
+    from iclevr_diffusion.diffusion.schedule import final_alpha_bar, make_train_scheduler
 
     return final_alpha_bar(make_train_scheduler(cfg.schedule))

@@ -23,18 +23,19 @@ from typing import Any
 
 import torch
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion import precision
-from iclevr_diffusion.agreement import DeferredSigint, agree, agree_stop, all_finite
-from iclevr_diffusion.batches import BatchOrder, augment, batches, build_dataset, micro_batch
 from iclevr_diffusion.config import Config
 from iclevr_diffusion.devices import resolve_device
+from iclevr_diffusion.diffusion.losses import diffusion_loss, drop_labels
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.horizon import HorizonPlanner, apply_lr, eta, known_horizon, stop_reason, with_horizon
-from iclevr_diffusion.losses import diffusion_loss, drop_labels
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.resume import check_compatible, resume_candidates, with_sigma_data
-from iclevr_diffusion.run_outputs import (
+from iclevr_diffusion.training import checkpoints as ckpt
+from iclevr_diffusion.training.agreement import DeferredSigint, agree, agree_stop, all_finite
+from iclevr_diffusion.training.batches import BatchOrder, augment, batches, build_dataset, micro_batch
+from iclevr_diffusion.training.horizon import HorizonPlanner, apply_lr, eta, known_horizon, stop_reason, with_horizon
+from iclevr_diffusion.training.resume import check_compatible, resume_candidates, with_sigma_data
+from iclevr_diffusion.training.run_outputs import (
     RunFiles,
     due_snapshots,
     ema_weights,
@@ -42,7 +43,6 @@ from iclevr_diffusion.run_outputs import (
     export_model,
     sample_images,
 )
-from iclevr_diffusion.schedule import make_train_scheduler
 
 Progress = Callable[..., None]  # progress(event, **info): events start, step, note, end
 

@@ -15,13 +15,15 @@ import torch
 from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
+from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
+from iclevr_diffusion.diffusion.pipeline import default_steps as pipeline_default_steps
+from iclevr_diffusion.diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
-from iclevr_diffusion.pipeline import default_steps as pipeline_default_steps
-from iclevr_diffusion.run_folder import MODEL_DIR as MODEL_DIR  # re-exported: used by callers before run_folder
+from iclevr_diffusion.run_folder import (
+    MODEL_DIR as MODEL_DIR,  # re-exported: used by callers before run_folder
+)
 from iclevr_diffusion.run_folder import RUN_CONFIG, find_model_dir
 from iclevr_diffusion.run_folder import newest_model as newest_model
-from iclevr_diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
 
 
 def load_pipeline(
@@ -55,8 +57,8 @@ def load_pipeline(
 def check_model(pipe: ConditionalDDPMPipeline, folder: Path) -> None:
     """A diffusers folder of another model (a plain UNet2DModel, another label count) loads without
     complaint but fails at the first forward pass: refuse it here, naming what it holds."""
+    from iclevr_diffusion.diffusion.model import ConditionalUNet
     from iclevr_diffusion.labels import NUM_CLASSES
-    from iclevr_diffusion.model import ConditionalUNet
 
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, ConditionalUNet):

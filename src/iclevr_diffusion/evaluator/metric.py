@@ -2,8 +2,8 @@
 
 The course's score: for an image with k true labels take the k highest outputs of the evaluator and
 count the true ones; accuracy = all hits / all k over the whole set (a micro average; extra objects
-cost nothing). The networks and their files are in evaluator_networks.py (re-exported here, where
-they were imported from before); which evaluator scores a set is chosen in evaluator_choice.py.
+cost nothing). The networks and their files are in networks.py (their names are re-exported here,
+for scripts that imported them from the metric's module); which evaluator scores a set: choice.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluator_networks import (  # noqa: F401  (re-exported: the old import path)
+from iclevr_diffusion.evaluator.networks import (  # noqa: F401  (re-exported, see the module notes)
     ARCH_DESCRIPTIONS,
     ARCH_NAMES,
     ARCHS,

@@ -3,7 +3,7 @@
 `find_evaluator`: --evaluator PATH, else DATA_ROOT/checkpoint.pth (where the course's file sits), else
 the toolkit's own one trained on that dataset (DATA_ROOT/evaluator/checkpoint.pth). `resolve_evaluator`
 also provides the built-in synthetic set's own evaluator on first use (`ensure_evaluator`: the shipped
-one where it fits, evaluator_shipped.py, else one trained there, evaluator_training.py). Every reported
+one where it fits, shipped.py, else one trained there, training.py). Every reported
 number carries the evaluator's name, so an official figure is never confused with one from our own network.
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluator_networks import (
+from iclevr_diffusion.evaluator.networks import (
     OFFICIAL_NAME,
     arch_of,
     describe,
@@ -24,8 +24,8 @@ from iclevr_diffusion.evaluator_networks import (
     own_evaluator_path,
     read_card,
 )
-from iclevr_diffusion.evaluator_shipped import fits, install_shipped, shipped_evaluator
-from iclevr_diffusion.evaluator_training import Progress, cached_card, fingerprint, train_evaluator
+from iclevr_diffusion.evaluator.shipped import fits, install_shipped, shipped_evaluator
+from iclevr_diffusion.evaluator.training import Progress, cached_card, fingerprint, train_evaluator
 
 
 @dataclass
@@ -120,7 +120,7 @@ def resolve_evaluator(
 
 def ensure_evaluator(root: str | Path, progress: Progress | None = None, shipped=None, **kwargs) -> dict:
     """The cached own evaluator of ROOT; on first use (missing or stale) the shipped one where it fits
-    ROOT (evaluator_shipped.py: seconds), else one trained on ROOT (minutes). kwargs go to train_evaluator."""
+    ROOT (shipped.py: seconds), else one trained on ROOT (minutes). kwargs go to train_evaluator."""
     root = Path(root)
     return (cached_card(root) or install_shipped(root, progress, shipped)
             or train_evaluator(root, progress=progress, **kwargs))

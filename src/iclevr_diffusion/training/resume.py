@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training import checkpoints as ckpt
 
 
 def resume_candidates(run_dir: Path, resume: Path | None) -> list[Path]:
@@ -51,7 +51,7 @@ def with_sigma_data(cfg: Config, source: dict | None, data, note: Callable[[str]
     sch = cfg.schedule
     if sch.formulation != "edm" or sch.sigma_data is not None:
         return cfg
-    from iclevr_diffusion.edm import measure_sigma_data
+    from iclevr_diffusion.diffusion.edm import measure_sigma_data
 
     value = None
     if source is not None and source.get("config"):

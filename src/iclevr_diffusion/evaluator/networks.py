@@ -10,8 +10,8 @@ an hour, on a 2-core CPU). Same input, same 24-way sigmoid head; its checkpoint 
 {"model": state_dict}. `load_evaluator` builds whichever network the file names.
 
 The toolkit's own evaluator of a dataset lives in DATA_ROOT/evaluator/checkpoint.pth with a JSON card
-next to it (what it was trained on and how well it scores). The metric is in evaluation.py; which
-evaluator scores a set in evaluator_choice.py; training one in evaluator_training.py.
+next to it (what it was trained on and how well it scores). The metric is in metric.py; which
+evaluator scores a set in choice.py; training one in training.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training the toolkit's own evaluator where the course's checkpoint.pth is absent.
 
-Two architectures (evaluator_networks.py): for a user's dataset the official one (torchvision ResNet18,
+Two architectures (networks.py): for a user's dataset the official one (torchvision ResNet18,
 random init, fc = Linear(512, 24) + Sigmoid), saved in the same format ({"model": state_dict}); for
 the built-in synthetic data a small CNN ("small-cnn", ~15x fewer FLOPs per image, saved as
 {"model": state_dict, "arch": "small-cnn"}), so the first `evaluate` on it takes minutes, not an hour,
@@ -37,8 +37,8 @@ from iclevr_diffusion import __version__, precision
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
 from iclevr_diffusion.devices import cpu_model
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import score_images
-from iclevr_diffusion.evaluator_networks import (
+from iclevr_diffusion.evaluator.metric import score_images
+from iclevr_diffusion.evaluator.networks import (
     ARCH_DESCRIPTIONS,
     ARCHS,
     CARD_NAME,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from iclevr_diffusion.evaluation import Score, score_images
+from iclevr_diffusion.diffusion.sampling import generate
+from iclevr_diffusion.evaluator.metric import Score, score_images
 from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.sampling import generate
 
 
 @dataclass

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import Config
 from iclevr_diffusion.run_folder import RUN_CONFIG, RunFolder
+from iclevr_diffusion.training import checkpoints as ckpt
 
 SAMPLE_CONDITIONS = 32  # the first 32 test.json conditions, 8 per row
 
@@ -81,7 +81,7 @@ class ema_weights:
 @contextmanager
 def sampling_pipeline(model, noise_sched) -> Iterator:
     """The model being trained as a pipeline, in eval mode while inside (its own mode again after)."""
-    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
 
     pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched)
     pipe.set_progress_bar_config(disable=True)
@@ -104,7 +104,7 @@ def sampling_recipe(cfg: Config, noise_sched) -> dict:
 def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
     """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
     from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.sampling import generate
+    from iclevr_diffusion.diffusion.sampling import generate
 
     conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
     with sampling_pipeline(model, noise_sched) as pipe:
@@ -115,7 +115,7 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
     """model/ = ConditionalDDPMPipeline(EMA UNet, training scheduler, the run's sampling defaults) + run_config.yaml,
     swapped in atomically. Loads with ConditionalDDPMPipeline.from_pretrained or, with the package installed,
     diffusers' DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)."""
-    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,21 +144,21 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
     """Score the EMA model on cfg.eval.splits with the ResNet18 evaluator; keep best/ when it improves.
 
     The evaluator is cfg.eval.evaluator, else the data root's checkpoint.pth or its own trained one
-    (`iclevr_diffusion.evaluator_choice.find_evaluator`). Without one, evaluation is skipped with a note.
+    (`iclevr_diffusion.evaluator.choice.find_evaluator`). Without one, evaluation is skipped with a note.
     Writes eval.jsonl (step, accuracy per split, mean) and best/ (an export like model/ + best.json).
     """
     if not main:
         return None
-    from iclevr_diffusion.evaluator_choice import find_evaluator
-    from iclevr_diffusion.evaluator_networks import load_evaluator
+    from iclevr_diffusion.evaluator.choice import find_evaluator
+    from iclevr_diffusion.evaluator.networks import load_evaluator
 
     choice = find_evaluator(cfg.eval.evaluator, data_root)
     if choice is None:
         emit("note", message="evaluation skipped: no evaluator (set eval.evaluator, or 'iclevr-diff train-evaluator')")
         return None
     from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.evaluator.scoring import sample_and_score
     from iclevr_diffusion.io import write_json
-    from iclevr_diffusion.scoring import sample_and_score
 
     judge = load_evaluator(choice.path, next(model.parameters()).device)
     scores = {}
