@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_info import machine  # noqa: E402
 
-from iclevr_diffusion.evaluation import (  # noqa: E402
+from iclevr_diffusion.evaluator.metric import (  # noqa: E402
     ARCHS,
     RESNET18,
     SMALL_CNN,
@@ -51,7 +51,7 @@ from iclevr_diffusion.evaluation import (  # noqa: E402
     read_card,
     score_images,
 )
-from iclevr_diffusion.evaluator_training import HELDOUT_FILE, load_labelled, train_evaluator  # noqa: E402
+from iclevr_diffusion.evaluator.training import HELDOUT_FILE, load_labelled, train_evaluator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -169,8 +169,8 @@ def install_shipped_fresh(root: Path) -> tuple[dict, bool]:
     training of the shipped network is kept in the card as `training_once`."""
     import shutil
 
-    from iclevr_diffusion.evaluation import flops_per_image
-    from iclevr_diffusion.evaluator_shipped import install_shipped, shipped_evaluator
+    from iclevr_diffusion.evaluator.metric import flops_per_image
+    from iclevr_diffusion.evaluator.shipped import install_shipped, shipped_evaluator
 
     with tempfile.TemporaryDirectory() as tmp:
         mirror = Path(tmp) / root.name
@@ -196,7 +196,7 @@ def ship(card: dict) -> None:
     """Copy a trained small CNN and its card into the package data (what install_shipped uses)."""
     import shutil
 
-    from iclevr_diffusion.evaluator_shipped import SHIPPED_CARD, SHIPPED_CHECKPOINT
+    from iclevr_diffusion.evaluator.shipped import SHIPPED_CARD, SHIPPED_CHECKPOINT
     from iclevr_diffusion.labels import packaged_file
 
     target = Path(str(packaged_file(SHIPPED_CHECKPOINT)))
@@ -227,7 +227,7 @@ def get_evaluator(arch: str, root: Path, out: Path, retrain: bool, given: Path |
 
 def agreement(nets: dict, sets: list[tuple[str, torch.Tensor, list]], source: dict) -> dict:
     """Accuracy (percent) of each evaluator on the same images, per split and over all of them."""
-    from iclevr_diffusion.evaluation import predict, score_outputs
+    from iclevr_diffusion.evaluator.metric import predict, score_outputs
     from iclevr_diffusion.labels import multi_hot_batch
 
     splits, pooled = {}, {arch: [0, 0] for arch in nets}
@@ -252,8 +252,8 @@ def agreement(nets: dict, sets: list[tuple[str, torch.Tensor, list]], source: di
 def generated_sets(model: Path, device: str, seed: int) -> tuple[list, dict]:
     """[(split, images, conditions)] of the run's test and new_test conditions (64 images), sampled with the
     run's configured sampler, steps and guidance, and a description of how."""
-    from iclevr_diffusion import sampling
     from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.diffusion import sampling as sampling
 
     pipe, cfg, model_dir = sampling.load_pipeline(model, Path("runs"), device)
     sampler, steps, guidance = sampling.resolve_sampling(cfg, pipe)
@@ -270,7 +270,7 @@ def generated_sets(model: Path, device: str, seed: int) -> tuple[list, dict]:
 def image_sets(folder: Path) -> tuple[list, dict]:
     """[(split, images, conditions)] of FOLDER/test/0.png... and FOLDER/new_test/0.png... (any generator)."""
     from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.evaluation import load_image_folder
+    from iclevr_diffusion.evaluator.metric import load_image_folder
 
     sets = []
     for split in ("test", "new_test"):

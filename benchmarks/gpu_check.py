@@ -27,10 +27,10 @@ from machine_info import machine
 from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import Config, load_config
+from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.io import write_json
-from iclevr_diffusion.losses import diffusion_loss
-from iclevr_diffusion.model import ConditionalUNet, count_parameters
-from iclevr_diffusion.schedule import make_train_scheduler
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TINY = ["model.block_out_channels=[8, 16]", "model.attention=[false, true]", "model.norm_num_groups=4",
@@ -75,8 +75,8 @@ def throughput(cfg: Config, bf16: bool, batch: int, steps: int, device: torch.de
 
 def short_run(args, device: torch.device) -> dict:
     from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.sampling import load_pipeline
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.diffusion.sampling import load_pipeline
+    from iclevr_diffusion.training.loop import train
 
     sets = [f"train.max_minutes={args.minutes}", "train.max_steps=null", "train.eval_every=0",
             "train.sample_every=0", "train.checkpoint_every=0", f"device={device}"]

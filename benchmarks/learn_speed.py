@@ -28,11 +28,12 @@ from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
-from iclevr_diffusion.losses import diffusion_loss
-from iclevr_diffusion.model import ConditionalUNet, count_parameters
-from iclevr_diffusion.sampling import load_pipeline
-from iclevr_diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import train
+from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.sampling import load_pipeline
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training.loop import train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "learn_speed.json"
 A3 = "model.block_out_channels=[64, 128, 128]"
@@ -105,14 +106,15 @@ def main() -> None:
         items = [val[i] for i in range(n)]
         images, labels = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
         result = train(cfg, runs / cfg.name)
-        ema_model = ConditionalUNet.from_pretrained(runs / cfg.name / "model" / "unet")
+        folder = RunFolder(runs / cfg.name)
+        ema_model = ConditionalUNet.from_pretrained(folder.model / "unet")
         row = {"name": name, "params": count_parameters(ema_model), "steps": result.step,
                "images_seen": result.step * cfg.train.batch_size, "images_per_s": result.images_per_s,
                "mixed_precision": result.mixed_precision, "train_loss": result.loss,
                "val_loss_ema": validation_loss(ema_model, cfg, images, labels),
                "sampler": f"{cfg.sample.sampler}-{cfg.sample.steps} w={cfg.sample.guidance_scale:g}",
                "accuracy": accuracy(runs / cfg.name, net),
-               "samples": str(sorted((runs / cfg.name / "samples").glob("*.png"))[-1])}
+               "samples": str(folder.sample_grids()[-1])}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'candidate':56s} {'steps':>6s} {'img/s':>7s} {'val (EMA)':>10s} {'test':>6s} {'new_test':>8s}")

@@ -27,6 +27,8 @@ from pathlib import Path
 from machine_info import machine
 
 from iclevr_diffusion.io import write_json
+from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training.checkpoints import list_checkpoints
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -63,7 +65,8 @@ def main(argv=None) -> dict:
         evaluator_card = json.loads(card.read_text()) if card else None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    rows = [json.loads(line) for line in (args.runs / "default" / "metrics.jsonl").read_text().splitlines()]
+    run = RunFolder(args.runs / "default")
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     scores = json.loads(evaluate_out)
     result = {
         "benchmark": "main_job",
@@ -73,7 +76,7 @@ def main(argv=None) -> dict:
         "fresh_cache": True,
         "train_wall_s": round(train_s, 1),
         "evaluate_wall_s": round(evaluate_s, 1),
-        "steps": int(sorted((args.runs / "default" / "checkpoints").glob("step_*"))[-1].name.split("_")[1]),
+        "steps": int(list_checkpoints(run.checkpoints)[-1].name.split("_")[1]),
         "train_elapsed_s": rows[-1]["elapsed_s"],
         "images_per_s_last": round(rows[-1]["images_per_s"], 1),
         "evaluator_first_use": {k: evaluator_card.get(k) for k in ("arch", "seconds", "heldout_accuracy")}
@@ -83,7 +86,7 @@ def main(argv=None) -> dict:
     }
     out = RESULTS / f"main_job{'-smoke' if args.smoke else ''}.json"
     write_json(out, result)
-    grid = sorted((args.runs / "default" / "samples").glob("step_*.png"))[-1]
+    grid = run.sample_grids()[-1]
     if not args.smoke:
         shutil.copy(grid, HERE.parent / "docs" / "default_main_job.png")
     print(json.dumps({k: result[k] for k in ("train_wall_s", "evaluate_wall_s", "steps")}), file=sys.stderr)

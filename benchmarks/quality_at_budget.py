@@ -28,9 +28,10 @@ from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.diffusion.sampling import load_pipeline
 from iclevr_diffusion.io import write_json
-from iclevr_diffusion.sampling import load_pipeline
-from iclevr_diffusion.training import snapshot_name, train
+from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training.loop import train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -80,7 +81,8 @@ def main(argv=None) -> dict:
         trained = {"steps": result.step, "elapsed_s": result.elapsed_s, "images_per_s": result.images_per_s,
                    "mixed_precision": result.mixed_precision, "stopped_by": result.stopped_by}
         print(f"trained: {trained}", file=sys.stderr, flush=True)
-    budgets = [(m, args.run / "snapshots" / snapshot_name(m)) for m in marks] + [(args.minutes, args.run / "model")]
+    run = RunFolder(args.run)
+    budgets = [(m, run.snapshot(m)) for m in marks] + [(args.minutes, run.model)]
     missing = [str(path) for _, path in budgets if not path.is_dir()]
     if missing:
         sys.exit(f"error: no model at {', '.join(missing)}; train the run to its budget first (drop --score-only).")

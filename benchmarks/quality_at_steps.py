@@ -32,9 +32,10 @@ from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.diffusion.sampling import load_pipeline
 from iclevr_diffusion.io import write_json
-from iclevr_diffusion.sampling import load_pipeline
-from iclevr_diffusion.training import train
+from iclevr_diffusion.run_folder import RunFolder
+from iclevr_diffusion.training.loop import train
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -148,7 +149,7 @@ def _last_logged(run: Path, key: str):
     """The last metrics.jsonl value of `key` (a finished run that is only reused reports no speed itself)."""
     import json
 
-    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines = RunFolder(run).metrics.read_text().splitlines()
     value = json.loads(lines[-1]).get(key) if lines else None
     return round(value, 1) if isinstance(value, (int, float)) else None
 

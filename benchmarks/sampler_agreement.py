@@ -29,9 +29,9 @@ from machine_info import machine
 from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.data.iclevr import load_conditions
+from iclevr_diffusion.diffusion.samplers import samplers_for
+from iclevr_diffusion.diffusion.sampling import default_steps, load_pipeline
 from iclevr_diffusion.io import write_json
-from iclevr_diffusion.samplers import samplers_for
-from iclevr_diffusion.sampling import default_steps, load_pipeline
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -139,9 +139,9 @@ def main(argv=None) -> dict:
 
 
 def _bf16(pipe) -> bool:
-    from iclevr_diffusion.pipeline import autocast_default
+    from iclevr_diffusion.precision import sampling_autocast
 
-    return autocast_default(pipe.unet.device)
+    return sampling_autocast(pipe.unet.device)
 
 
 def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -> None:
@@ -162,7 +162,7 @@ def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -
 
 def _smoke_model(run: Path) -> Path:
     from iclevr_diffusion.config import load_config
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.training.loop import train
 
     data, tiny = smoke_dataset(run.parent / "smoke-data")
     cfg = load_config("default", [*tiny, f"data.root={data}", "schedule.formulation=edm", "train.min_snr_gamma=null",

@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
 from pathlib import Path
 
 from machine_info import machine
 from scoring import benchmark_evaluator
 
 from iclevr_diffusion.data.iclevr import load_conditions
-from iclevr_diffusion.evaluation import score_images
+from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.evaluator.scoring import sample_and_score
 from iclevr_diffusion.io import atomic_path, write_json
-from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.pipeline import autocast_default
-from iclevr_diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.precision import sampling_autocast
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -65,10 +63,9 @@ def run_one(pipe, sets, sampler, steps, guidance, seeds, batch_size, net, autoca
     per_set: dict[str, list[int]] = {}
     for seed in seeds:
         for name, conds in sets:
-            started = time.perf_counter()
-            imgs = generate(pipe, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast)
-            seconds += time.perf_counter() - started
-            score = score_images(net, imgs, multi_hot_batch(conds))
+            done = sample_and_score(pipe, net, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast)
+            seconds += done.sampling_s
+            score = done.score
             hits, labels, images = hits + score.hits, labels + score.labels, images + len(conds)
             h, n = per_set.get(name, [0, 0])
             per_set[name] = [h + score.hits, n + score.labels]
@@ -76,7 +73,7 @@ def run_one(pipe, sets, sampler, steps, guidance, seeds, batch_size, net, autoca
         "sampler": sampler,
         "steps": steps,
         "guidance_scale": guidance,
-        "precision": "bf16" if (autocast_default(pipe.unet.device) if autocast is None else autocast) else "fp32",
+        "precision": "bf16" if (sampling_autocast(pipe.unet.device) if autocast is None else autocast) else "fp32",
         "accuracy": hits / labels,
         "per_set": {k: h / n for k, (h, n) in per_set.items()},
         "images": images,

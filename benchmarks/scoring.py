@@ -4,21 +4,18 @@ pipeline, and the tiny dataset their --smoke modes train on."""
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from iclevr_diffusion.evaluation import score_images
-from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.sampling import generate
+from iclevr_diffusion.evaluator.scoring import sample_and_score
 
 
 def benchmark_evaluator(smoke: bool, evaluator=None, root: Path | None = None, device="cpu", scenes=None):
     """(network in eval mode, name): the one `iclevr-diff evaluate` picks, or for --smoke a randomly
     initialised ResNet18 (its numbers mean nothing; the code path runs in seconds)."""
     if smoke:
-        from iclevr_diffusion.evaluation import build_evaluator
+        from iclevr_diffusion.evaluator.metric import build_evaluator
 
         torch.manual_seed(0)
         return build_evaluator().eval(), "random ResNet18 (smoke)"
@@ -35,11 +32,10 @@ def split_accuracy(pipe, net, sets, sampler: str, steps: int, guidance: float, s
     `autocast` None: the measured default for the device (bf16 on CPUs with native bf16)."""
     accuracy, seconds, images = {}, 0.0, 0
     for name, conds in sets:
-        started = time.perf_counter()
-        imgs = generate(pipe, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast)
-        seconds += time.perf_counter() - started
+        done = sample_and_score(pipe, net, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast)
+        seconds += done.sampling_s
         images += len(conds)
-        accuracy[name] = score_images(net, imgs, multi_hot_batch(conds)).accuracy
+        accuracy[name] = done.accuracy
     return {"accuracy": accuracy, "seconds_per_image": seconds / images}
 
 

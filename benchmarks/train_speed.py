@@ -24,9 +24,9 @@ import torch
 from machine_info import machine
 
 from iclevr_diffusion.config import Config, load_config
-from iclevr_diffusion.losses import diffusion_loss
-from iclevr_diffusion.model import ConditionalUNet, count_parameters
-from iclevr_diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_speed.json"
 

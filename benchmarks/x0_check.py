@@ -31,11 +31,11 @@ from machine_info import machine
 from scoring import benchmark_evaluator, smoke_dataset
 
 from iclevr_diffusion.data.iclevr import ICLEVRDataset, load_conditions
-from iclevr_diffusion.evaluation import score_images
+from iclevr_diffusion.diffusion.samplers import clean_estimate, clean_estimate_rms, make_sampler
+from iclevr_diffusion.diffusion.sampling import image_generators, load_pipeline
+from iclevr_diffusion.evaluator.metric import score_images
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.labels import multi_hot_batch
-from iclevr_diffusion.samplers import clean_estimate, clean_estimate_rms, make_sampler
-from iclevr_diffusion.sampling import image_generators, load_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMESTEP_FRACTIONS = (1.0, 0.9, 0.6, 0.4, 0.1)  # of T; t = round(f * T) - 1
@@ -47,7 +47,7 @@ def held_out(smoke: bool, tmp: Path, n: int) -> tuple[torch.Tensor, torch.Tensor
         root, _ = smoke_dataset(tmp)
         data = ICLEVRDataset(root, image_size=16)
     else:
-        from iclevr_diffusion.evaluator_training import HELDOUT_FILE
+        from iclevr_diffusion.evaluator.training import HELDOUT_FILE
         from iclevr_diffusion.workflows.make_data import ensure_default_data
 
         data = ICLEVRDataset(ensure_default_data(quiet=True), labels_file=HELDOUT_FILE)

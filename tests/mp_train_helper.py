@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from iclevr_diffusion.config import load_config
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.training import train
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.training.loop import train
 
 
 def weights_hash(state: dict[str, torch.Tensor]) -> str:

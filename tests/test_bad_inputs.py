@@ -134,7 +134,7 @@ def evaluate(ws: Path, evaluator_state) -> list[str]:
 
 
 def wrong_shape_evaluator() -> dict:
-    from iclevr_diffusion.evaluation import build_evaluator
+    from iclevr_diffusion.evaluator.metric import build_evaluator
 
     state = build_evaluator().state_dict()
     state["fc.0.weight"], state["fc.0.bias"] = torch.zeros(10, 512), torch.zeros(10)
@@ -382,7 +382,7 @@ def test_sample_onto_a_read_only_file_system(ws):
 def test_training_onto_a_full_disk_keeps_the_last_checkpoint(ws):
     """The disk fills while a checkpoint is written: one line, the half-written checkpoint is removed,
     the earlier ones stay, and the run resumes from them once there is space."""
-    from iclevr_diffusion import checkpoints as ckpt
+    from iclevr_diffusion.training import checkpoints as ckpt
 
     mnt, saved = ws / "mnt", ws / "saved"
     saved.mkdir()

@@ -9,7 +9,12 @@ from typer.testing import CliRunner
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.experiments import FIXED_LEVELS, FixedLevelProbe, parse_schedules, parse_timesteps
+from iclevr_diffusion.training.timestep_comparison import (
+    FIXED_LEVELS,
+    FixedLevelProbe,
+    parse_schedules,
+    parse_timesteps,
+)
 from tiny_data import expected_ranked_accuracy, write_ranked_evaluator
 
 TINY = [
@@ -68,7 +73,7 @@ def test_two_timesteps_end_to_end_reuse_and_resume(tmp_path, tiny_dataset, ranke
 def test_fixed_level_probe_uses_the_same_noise_levels_for_every_T(tiny_dataset):
     from iclevr_diffusion.config import ScheduleConfig
     from iclevr_diffusion.data.iclevr import ICLEVRDataset
-    from iclevr_diffusion.schedule import make_train_scheduler
+    from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 
     ds = ICLEVRDataset(tiny_dataset, image_size=16)
     for T in (300, 1000):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, ImagePipelineOutput
 
-from iclevr_diffusion.pipeline import LOADER_MODULE, ConditionalDDPMPipeline
-from iclevr_diffusion.sampling import generate, image_generators, load_pipeline
+from iclevr_diffusion.diffusion.pipeline import LOADER_MODULE, ConditionalDDPMPipeline
+from iclevr_diffusion.diffusion.sampling import generate, image_generators, load_pipeline
 from iclevr_diffusion.testing import one_thread, tiny_config, tiny_pipeline
 
 CONDS = [["red sphere", "cyan cube"], ["gray cylinder"]]
@@ -123,10 +123,20 @@ def test_ddim_from_the_saved_scheduler_config_is_the_toolkits_ddim(pipe, saved):
     assert torch.equal(theirs, generate(pipe, CONDS, "ddpm", 6, 2.0, seed=3))
 
 
-def test_generic_diffusers_loader_loads_an_export(pipe, saved, tmp_path):
-    """A fresh interpreter that imports only diffusers: DiffusionPipeline.from_pretrained finds the class."""
+@pytest.mark.parametrize("layout", ["now", "before diffusion/"])
+def test_generic_diffusers_loader_loads_an_export(pipe, saved, tmp_path, layout):
+    """A fresh interpreter that imports only diffusers: DiffusionPipeline.from_pretrained finds the class,
+    also in a folder exported before the package had subpackages (it names the old module paths)."""
     assert json.loads((saved / "model_index.json").read_text())["_class_name"] == [LOADER_MODULE,
                                                                                  "ConditionalDDPMPipeline"]
+    if layout != "now":
+        import shutil
+
+        saved = shutil.copytree(saved, tmp_path / "old")
+        (saved / f"{LOADER_MODULE}.py").write_text("from iclevr_diffusion.pipeline import ConditionalDDPMPipeline\n")
+        index = json.loads((saved / "model_index.json").read_text())
+        index["unet"] = ["iclevr_diffusion.model", "ConditionalUNet"]
+        (saved / "model_index.json").write_text(json.dumps(index))
     code = (
         "import sys, torch\n"
         "from diffusers import DiffusionPipeline\n"
@@ -141,7 +151,8 @@ def test_generic_diffusers_loader_loads_an_export(pipe, saved, tmp_path):
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["iclevr_diffusion.pipeline", "ConditionalDDPMPipeline", "ConditionalUNet"]
+    want_names = ["iclevr_diffusion.diffusion.pipeline", "ConditionalDDPMPipeline", "ConditionalUNet"]
+    assert result.stdout.split() == want_names
     want = pipe(CONDS, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pt").images
     assert torch.equal(torch.load(tmp_path / "images.pt"), want)
 
@@ -160,6 +171,7 @@ def test_our_loader_needs_no_remote_code_and_reads_old_exports(saved, tmp_path):
     (old / f"{LOADER_MODULE}.py").unlink()
     index = json.loads((old / "model_index.json").read_text())
     index["_class_name"] = "ConditionalDDPMPipeline"
+    index["unet"] = ["iclevr_diffusion.model", "ConditionalUNet"]  # the module path before diffusion/
     for key in ("default_sampler", "default_steps", "default_guidance_scale"):
         del index[key]
     (old / "model_index.json").write_text(json.dumps(index))

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import load_config
-from iclevr_diffusion.sampling import generate, load_pipeline
-from iclevr_diffusion.training import train
+from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.training import checkpoints as ckpt
+from iclevr_diffusion.training.loop import train
 from tiny_data import TINY_MODEL, make_tiny_dataset
 
 EVERY = 5  # checkpoint_every of the killed run: wide enough to kill it between two checkpoints

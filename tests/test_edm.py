@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler, EDMDPMSolverMultistepScheduler, EDMEulerSch
 from PIL import Image
 
 from iclevr_diffusion.config import load_config
-from iclevr_diffusion.edm import (
+from iclevr_diffusion.diffusion.edm import (
     EDM_SAMPLERS,
     EDM_TIMESTEP_SCALE,
     EDMHeunScheduler,
@@ -33,12 +33,12 @@ from iclevr_diffusion.edm import (
     make_edm_scheduler,
     sample_sigmas,
 )
+from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.losses import diffusion_loss
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.sampling import generate, load_pipeline
-from iclevr_diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import train
+from iclevr_diffusion.training.loop import train
 from tiny_data import TINY_MODEL, make_tiny_dataset
 
 EDM = ["schedule.formulation=edm", "train.min_snr_gamma=null", "sample.sampler=heun", "sample.steps=3"]
@@ -586,7 +586,7 @@ def test_an_adagn_edm_run_trains_exports_and_reloads(data_root, tmp_path):
 def test_a_model_folder_without_its_run_config_samples_with_its_own_formulations_sampler(tmp_path):
     """The defaults are EDM now: a DDPM model exported without run_config.yaml must still pick a DDPM
     sampler (ddim) instead of failing on the default 'heun'."""
-    from iclevr_diffusion.sampling import resolve_sampling
+    from iclevr_diffusion.diffusion.sampling import resolve_sampling
     from iclevr_diffusion.testing import write_tiny_run
 
     run = write_tiny_run(tmp_path / "run", train_steps=2)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import draw_scene, write_dataset
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.data.iclevr import load_conditions
-from iclevr_diffusion.evaluation import load_evaluator, score_images
+from iclevr_diffusion.evaluator.metric import load_evaluator, score_images
 from tiny_data import expected_ranked_accuracy, write_ranked_evaluator
 
 runner = CliRunner()
@@ -78,9 +78,9 @@ def test_evaluate_rejects_a_bad_checkpoint(tmp_path):
 def _tiny_run(runs: Path) -> Path:
     """A run folder with a real (tiny, untrained) exported model and a run config that sets the sampler."""
     from iclevr_diffusion.config import Config
-    from iclevr_diffusion.model import ConditionalUNet
-    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
-    from iclevr_diffusion.schedule import make_train_scheduler
+    from iclevr_diffusion.diffusion.model import ConditionalUNet
+    from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 
     cfg = Config()
     cfg.schedule.formulation, cfg.schedule.num_train_timesteps, cfg.train.min_snr_gamma = "ddpm", 50, 5.0
@@ -139,7 +139,7 @@ def test_train_evaluator_writes_the_official_format_and_evaluate_finds_it(tmp_pa
     assert card["dataset"] == "data"
     assert set(torch.load(ckpt, weights_only=True)) == {"model"}
     # The card's held-out accuracy is the saved checkpoint's, scored anew on heldout.json (9 labels).
-    from iclevr_diffusion.evaluator_training import load_labelled
+    from iclevr_diffusion.evaluator.training import load_labelled
 
     _, pics, targets = load_labelled(root, "heldout.json")
     judge = load_evaluator(ckpt)  # loads as an official-format checkpoint

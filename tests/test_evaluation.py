@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import (
+from iclevr_diffusion.evaluator.choice import find_evaluator
+from iclevr_diffusion.evaluator.metric import (
     accuracy,
     build_evaluator,
-    find_evaluator,
     load_evaluator,
     load_image_folder,
     score_outputs,
@@ -210,7 +210,7 @@ def test_scored_grid_has_eight_per_row():
 
 
 def test_builtin_synthetic_roots_are_recognised(tmp_path, monkeypatch):
-    from iclevr_diffusion.evaluation import is_builtin_synthetic
+    from iclevr_diffusion.evaluator.metric import is_builtin_synthetic
 
     monkeypatch.setenv("ICLEVR_CACHE_DIR", str(tmp_path / "cache"))
     assert is_builtin_synthetic(tmp_path / "cache" / "synthetic-v1-seed0-6003")

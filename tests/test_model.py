@@ -8,9 +8,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from iclevr_diffusion.config import load_config
-from iclevr_diffusion.losses import diffusion_loss, snr_weights, target_for
-from iclevr_diffusion.model import ConditionalUNet, count_parameters
-from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
+from iclevr_diffusion.diffusion.losses import diffusion_loss, snr_weights, target_for
+from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.schedule import final_alpha_bar, make_train_scheduler
 from tiny_data import DDPM, TINY_MODEL
 
 

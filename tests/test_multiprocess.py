@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from iclevr_diffusion import checkpoints as ckpt
-from iclevr_diffusion.batches import BatchOrder
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
 from iclevr_diffusion.labels import to_multi_hot
+from iclevr_diffusion.training import checkpoints as ckpt
+from iclevr_diffusion.training.batches import BatchOrder
 from tiny_data import TINY_MODEL, make_tiny_dataset
 
 pytestmark = pytest.mark.skipif(

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
+from iclevr_diffusion.diffusion.samplers import SAMPLERS, clean_estimate_rms, make_sampler, unreliable_sampler_message
+from iclevr_diffusion.diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.images import to_uint8
 from iclevr_diffusion.labels import LABEL_INDEX
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor
-from iclevr_diffusion.samplers import SAMPLERS, clean_estimate_rms, make_sampler, unreliable_sampler_message
-from iclevr_diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
-from iclevr_diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.testing import one_thread, tiny_config, tiny_pipeline, write_tiny_run
 
 PREDICTIONS = ("epsilon", "v_prediction")

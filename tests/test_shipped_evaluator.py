@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from iclevr_diffusion import evaluator_training
 from iclevr_diffusion.config import DataConfig
 from iclevr_diffusion.data.synthetic import label_files, make_dataset
-from iclevr_diffusion.evaluation import SMALL_CNN, build_evaluator, load_evaluator, save_checkpoint, score_images
-from iclevr_diffusion.evaluator_shipped import SHIPPED_MIN_ACCURACY, install_shipped, shipped_evaluator
-from iclevr_diffusion.evaluator_training import _to_float, cached_card, ensure_evaluator, fingerprint, load_labelled
+from iclevr_diffusion.evaluator import training as evaluator_training
+from iclevr_diffusion.evaluator.choice import ensure_evaluator
+from iclevr_diffusion.evaluator.metric import SMALL_CNN, build_evaluator, load_evaluator, save_checkpoint, score_images
+from iclevr_diffusion.evaluator.shipped import SHIPPED_MIN_ACCURACY, install_shipped, shipped_evaluator
+from iclevr_diffusion.evaluator.training import _to_float, cached_card, fingerprint, load_labelled
 from iclevr_diffusion.io import write_json
 
 HELDOUT_SCENES = 40  # the built-in set's first 40 held-out scenes: 120 images, 240 labels

@@ -14,11 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_dataset
-from iclevr_diffusion import evaluator_training
+from iclevr_diffusion import precision
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import (
+from iclevr_diffusion.evaluator import training as evaluator_training
+from iclevr_diffusion.evaluator.choice import resolve_evaluator
+from iclevr_diffusion.evaluator.metric import (
     RESNET18,
     SMALL_CNN,
     SmallCNN,
@@ -26,10 +28,9 @@ from iclevr_diffusion.evaluation import (
     flops_per_image,
     load_evaluator,
     parameter_count,
-    resolve_evaluator,
     save_checkpoint,
 )
-from iclevr_diffusion.evaluator_training import cached_card, fingerprint, resolve_precision, time_precisions
+from iclevr_diffusion.evaluator.training import cached_card, fingerprint, resolve_precision, time_precisions
 
 runner = CliRunner()
 TINY_SCENES = 3  # 9 training images + 1 held-out scene (3 images): renders in about a second
@@ -93,9 +94,9 @@ def test_precision_is_measured_not_assumed(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision(model, cpu, True) == (True, None)  # asked for: no timing
     assert resolve_precision(model, cpu, False) == (False, None)
-    monkeypatch.setattr(evaluator_training, "default_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert resolve_precision(model, cpu, None) == (False, None)  # no native bf16: fp32, nothing timed
-    monkeypatch.setattr(evaluator_training, "default_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     for fp32, bf16, want in ((100.0, 180.0, True), (100.0, 102.0, False), (100.0, 60.0, False)):
         timing = {"fp32_images_per_s": fp32, "bf16_images_per_s": bf16, "batch": 2}
         monkeypatch.setattr(evaluator_training, "time_precisions", lambda m, b, t=timing: t)

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from iclevr_diffusion.cli import app
-from iclevr_diffusion.sampling import generate, load_pipeline
+from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
 from tiny_data import TINY_MODEL, make_tiny_dataset
 
 

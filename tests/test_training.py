@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import load_config
+from iclevr_diffusion.diffusion.losses import diffusion_loss, drop_labels
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.losses import diffusion_loss, drop_labels
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import train
+from iclevr_diffusion.training import checkpoints as ckpt
+from iclevr_diffusion.training.loop import train
 from tiny_data import TINY_MODEL, expected_ranked_accuracy, make_tiny_dataset, write_ranked_evaluator
 
 
@@ -234,7 +234,7 @@ def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
 
 
 def test_mixed_precision_auto_picks_the_faster_of_the_two_it_timed(data_root, monkeypatch):
-    from iclevr_diffusion import training
+    from iclevr_diffusion.training import loop as training
 
     cfg = tiny_cfg(data_root, "train.mixed_precision=auto", "train.max_steps=1")
     model = ConditionalUNet.from_run_config(cfg)
@@ -266,7 +266,7 @@ def test_mixed_precision_auto_picks_the_faster_of_the_two_it_timed(data_root, mo
 def test_evaluation_during_training_keeps_best(tmp_path):
     """With an evaluator checkpoint in the data root, eval_every scores test/new_test and keeps best/."""
     from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.evaluation import OFFICIAL_NAME
+    from iclevr_diffusion.evaluator.metric import OFFICIAL_NAME
 
     root = make_tiny_dataset(tmp_path / "data", n=8)
     # An official-format evaluator whose score on each split is known in advance (it ignores the images).
@@ -292,7 +292,7 @@ def test_snapshots_export_the_ema_model_once_per_mark(data_root, tmp_path):
     first = (snaps / "1e-05min" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     train(tiny_cfg(data_root, "train.max_steps=3", "train.snapshot_minutes=[0.00001, 0.00002, 600]"), run)
     assert (snaps / "1e-05min" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == first
-    from iclevr_diffusion.sampling import load_pipeline
+    from iclevr_diffusion.diffusion.sampling import load_pipeline
 
     pipe, loaded, folder = load_pipeline(snaps / "1e-05min", device="cpu")
     assert folder == snaps / "1e-05min" and loaded.train.snapshot_minutes == [1e-05, 2e-05, 600.0]

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from iclevr_diffusion import checkpoints as ckpt
-from iclevr_diffusion.batches import build_dataset
 from iclevr_diffusion.config import load_config
-from iclevr_diffusion.losses import snr_weights
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import train
+from iclevr_diffusion.diffusion.losses import snr_weights
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.training import checkpoints as ckpt
+from iclevr_diffusion.training.batches import build_dataset
+from iclevr_diffusion.training.loop import train
 from tiny_data import TINY_MODEL, make_tiny_dataset
 
 
@@ -185,7 +185,7 @@ def test_v_prediction_trains_on_the_velocity_and_exports_a_v_model(data_root, tm
     assert logged == pytest.approx(weighted(velocity), rel=1e-4)
     assert logged != pytest.approx(weighted(noise), rel=1e-2)  # not the epsilon loss
     # The export is a v-prediction model that loads and samples.
-    from iclevr_diffusion.sampling import generate, load_pipeline
+    from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
 
     pipe, loaded, _ = load_pipeline(tmp_path / "run", device="cpu")
     assert pipe.scheduler.config.prediction_type == "v_prediction" == loaded.schedule.prediction_type

@@ -60,7 +60,7 @@ def make_tiny_dataset(root: Path, n: int = 12, seed: int = 0) -> Path:
 def write_ranked_evaluator(path: Path) -> Path:
     """An official-format evaluator checkpoint whose outputs ignore the image and rank the classes by
     index (fc weights zero, bias decreasing), so its score on any condition list is known in advance."""
-    from iclevr_diffusion.evaluation import build_evaluator
+    from iclevr_diffusion.evaluator.metric import build_evaluator
 
     model = build_evaluator()
     with torch.no_grad():

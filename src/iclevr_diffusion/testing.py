@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 
 from iclevr_diffusion.config import Config, config_from_dict
-from iclevr_diffusion.edm import edm_loss
+from iclevr_diffusion.diffusion.edm import edm_loss
+from iclevr_diffusion.diffusion.model import ConditionalUNet
+from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
+from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.io import write_text
-from iclevr_diffusion.model import ConditionalUNet
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
-from iclevr_diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.run_folder import RUN_CONFIG, RunFolder
 
 
 def tiny_config(
@@ -97,9 +98,10 @@ def write_tiny_run(run_dir: str | Path, cfg: Config | None = None, train_steps: 
     cfg = cfg or tiny_config()
     run_dir = Path(run_dir)
     pipe = tiny_pipeline(cfg, train_steps, seed)
-    pipe.save_pretrained(run_dir / "model")
-    write_text(run_dir / "model" / "run_config.yaml", cfg.to_yaml())
-    write_text(run_dir / "config.yaml", cfg.to_yaml())
+    folder = RunFolder(run_dir)
+    pipe.save_pretrained(folder.model)
+    write_text(folder.model / RUN_CONFIG, cfg.to_yaml())
+    write_text(folder.config, cfg.to_yaml())
     return run_dir
 
 

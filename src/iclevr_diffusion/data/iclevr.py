@@ -106,7 +106,6 @@ class ICLEVRDataset:
         resize: str = "squash",
         images: str | Path | None = None,
         labels_file: str = "train.json",
-        hflip: bool = False,
     ):
         self.root = Path(root)
         if not self.root.is_dir():
@@ -137,7 +136,6 @@ class ICLEVRDataset:
             raise IclevrError(f"Unknown resize mode '{resize}'; use squash or center_crop.")
         self.image_size = image_size
         self.resize = resize
-        self.hflip = hflip
         self._transform = None
 
     def __len__(self) -> int:
@@ -151,8 +149,6 @@ class ICLEVRDataset:
             steps = [T.Resize((size, size), antialias=True)]
             if self.resize == "center_crop":
                 steps = [T.Resize(size, antialias=True), T.CenterCrop(size)]
-            if self.hflip:
-                steps.append(T.RandomHorizontalFlip())
             steps += [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
             self._transform = T.Compose(steps)
         return self._transform

@@ -143,7 +143,7 @@ def image_name(split: str, index: int, k: int) -> str:
 
 def label_files(scenes: int, seed: int = 0, heldout: int | None = None) -> dict[str, dict[str, list[str]]]:
     """{"train": ..., "heldout": ...}: the label files `make_dataset` writes, without rendering an image
-    (what the shipped evaluator's fingerprint is checked against; see evaluator_shipped.py)."""
+    (what the shipped evaluator's fingerprint is checked against; see evaluator/shipped.py)."""
     heldout = default_heldout(scenes) if heldout is None else heldout
     out = {}
     for split, stream, count in (("train", TRAIN, scenes), ("heldout", HELDOUT, heldout)):

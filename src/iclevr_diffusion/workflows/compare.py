@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iclevr_diffusion.config import Config
+from iclevr_diffusion.run_folder import RunFolder
 from iclevr_diffusion.workflows.console import err, print_json, table
 from iclevr_diffusion.workflows.console import out as stdout
 
@@ -31,11 +32,11 @@ def run(
     as_json: bool = False,
     quiet: bool = False,
 ) -> list[dict]:
-    from iclevr_diffusion import experiments as ex
-    from iclevr_diffusion.batches import build_dataset
+    from iclevr_diffusion.diffusion.schedule import make_train_scheduler
     from iclevr_diffusion.io import write_json, write_text
-    from iclevr_diffusion.schedule import make_train_scheduler
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.training import timestep_comparison as ex
+    from iclevr_diffusion.training.batches import build_dataset
+    from iclevr_diffusion.training.loop import train
     from iclevr_diffusion.workflows.train import train_progress
 
     if cfg.schedule.formulation != "ddpm":
@@ -63,7 +64,7 @@ def run(
         note(f"{name}: training (alpha_bar_T = {ex.final_alpha_bar_of(run_cfg):.3g})")
         with train_progress(name, quiet) as progress:
             result = train(run_cfg, run_dir, progress=progress, dataset=dataset, on_log=probe)
-        write_json(run_dir / ex.DONE, {"step": result.step, "stopped_by": result.stopped_by})
+        write_json(RunFolder(run_dir).done, {"step": result.step, "stopped_by": result.stopped_by})
 
     results = []
     for name, run_cfg in runs:

@@ -42,9 +42,9 @@ def images_folder(images: Path, name: str, several: bool) -> Path:
 
 
 def choose_evaluator(evaluator, root: Path | None, device, quiet: bool, scenes: int | None = None):
-    """(network, EvaluatorChoice) as evaluation.resolve_evaluator picks it, with progress bars for the
+    """(network, EvaluatorChoice) as evaluator_choice.resolve_evaluator picks it, with progress bars for the
     first-use rendering of the built-in set and training of its evaluator."""
-    from iclevr_diffusion.evaluation import resolve_evaluator
+    from iclevr_diffusion.evaluator.choice import resolve_evaluator
 
     if evaluator is None and root is None:
         synthetic_root(quiet, scenes)  # renders the built-in set on first use, with a bar
@@ -74,7 +74,8 @@ def run(
 ) -> dict:
     from iclevr_diffusion.config import Config
     from iclevr_diffusion.devices import resolve_device
-    from iclevr_diffusion.evaluation import load_image_folder, score_images, scored_grid
+    from iclevr_diffusion.evaluator.metric import load_image_folder, score_images, scored_grid
+    from iclevr_diffusion.evaluator.scoring import sample_and_score
     from iclevr_diffusion.io import save_image, write_json
     from iclevr_diffusion.labels import multi_hot_batch
 
@@ -86,11 +87,12 @@ def run(
         cfg = Config()
         out_dir = Path(out) if out is not None else Path(images)
     else:
-        from iclevr_diffusion import sampling
+        from iclevr_diffusion.diffusion import sampling as sampling
 
         pipe, cfg, model_dir = sampling.load_pipeline(model, runs_dir, device)
-        run_dir = model_dir.parent if model_dir.name == sampling.MODEL_DIR else model_dir
-        out_dir = Path(out) if out is not None else run_dir / "eval"
+        from iclevr_diffusion.run_folder import RunFolder
+
+        out_dir = Path(out) if out is not None else RunFolder.of_model(model_dir).root / "eval"
     batch = batch_size or cfg.sample.batch_size
     n_seeds = seeds or cfg.eval.seeds
     first_seed = cfg.seed if seed is None else seed
@@ -104,7 +106,7 @@ def run(
         # Read every image before choosing (perhaps training) an evaluator: a missing file fails at once.
         loaded = {name: load_image_folder(images_folder(images, name, len(sets) > 1), len(c)) for name, c in sets}
     else:
-        from iclevr_diffusion import sampling
+        from iclevr_diffusion.diffusion import sampling as sampling
 
         sampler, steps, guidance = sampling.resolve_sampling(cfg, pipe, sampler, steps, guidance_scale)
     root = Path(data) if data is not None else (Path(cfg.data.root) if cfg.data.root else None)
@@ -118,10 +120,11 @@ def run(
             started = time.perf_counter()
             if pipe is None:
                 imgs = loaded[name]
+                score = score_images(net, imgs, targets)
             else:
                 with progress_bar(f"{name} seed {s}", len(conds) * steps, quiet, log_every=LOG_EVERY) as advance:
-                    imgs = sampling.generate(pipe, conds, sampler, steps, guidance, s, batch, progress=advance)
-            score = score_images(net, imgs, targets)
+                    done = sample_and_score(pipe, net, conds, sampler, steps, guidance, s, batch, progress=advance)
+                imgs, score = done.images, done.score
             secs.append(time.perf_counter() - started)  # sampling + scoring
             accs.append(score.accuracy)
             pooled = score if pooled is None else _pool(pooled, score)
@@ -157,7 +160,7 @@ def run(
 
 def _pool(a, b):
     """Scores of several seeds summed into one, for per-class rates over all of them."""
-    from iclevr_diffusion.evaluation import Score
+    from iclevr_diffusion.evaluator.metric import Score
 
     per_class = {k: (a.per_class[k][0] + b.per_class[k][0], a.per_class[k][1] + b.per_class[k][1]) for k in a.per_class}
     hits, labels = a.hits + b.hits, a.labels + b.labels
@@ -170,7 +173,7 @@ def print_tables(report: dict) -> None:
             return f"{r['accuracy']:.2%} ± {r['accuracy_std']:.2%} (population SD, {len(r['accuracies'])} seeds)"
         return f"{r['accuracy']:.2%}"
 
-    from iclevr_diffusion.evaluation import ARCH_NAMES
+    from iclevr_diffusion.evaluator.metric import ARCH_NAMES
 
     ev = report["evaluator"]
     arch = ARCH_NAMES.get(ev.get("arch") or "", "ResNet18")

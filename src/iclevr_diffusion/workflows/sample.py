@@ -48,8 +48,9 @@ def collect_groups(
 
 def default_out(model_dir: Path, sampler: str, steps: int) -> Path:
     """RUN/samples-<sampler>-<steps> next to RUN/model, or inside a stand-alone exported model."""
-    run_dir = model_dir.parent if model_dir.name == "model" else model_dir
-    return run_dir / f"samples-{sampler}-{steps}"
+    from iclevr_diffusion.run_folder import RunFolder
+
+    return RunFolder.of_model(model_dir).root / f"samples-{sampler}-{steps}"
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -97,9 +98,9 @@ def run(
     if process_labels is not None and frames < 2:
         raise IclevrError(f"--frames must be at least 2 (noise and the final image), got {frames}.")
 
+    from iclevr_diffusion.diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
     from iclevr_diffusion.images import save_grid, save_pngs, save_strip
-    from iclevr_diffusion.pipeline import autocast_default
-    from iclevr_diffusion.sampling import generate, image_generators, load_pipeline, resolve_sampling
+    from iclevr_diffusion.precision import sampling_autocast
 
     pipe, cfg, model_dir = load_pipeline(model, runs_dir, device or "auto")
     sampler, steps, guidance = resolve_sampling(cfg, pipe, sampler, steps, guidance_scale)
@@ -111,7 +112,7 @@ def run(
         raise IclevrError(f"--seed must be 0 or more, got {seed}.")
     out = Path(out) if out is not None else default_out(model_dir, sampler, steps)
     check_out(out, force)
-    bf16 = autocast_default(pipe.unet.device)
+    bf16 = sampling_autocast(pipe.unet.device)
 
     total_images = sum(len(conds) for _, conds in groups)
     total = (total_images + (1 if process_labels else 0)) * steps

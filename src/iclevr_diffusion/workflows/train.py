@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from iclevr_diffusion.config import Config
+from iclevr_diffusion.run_folder import RunFolder
 from iclevr_diffusion.workflows import console
 
 
@@ -60,8 +61,8 @@ def train_progress(name: str, quiet: bool = False) -> Iterator:
 
 def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, quiet: bool = False,
         as_json: bool = False) -> None:
-    from iclevr_diffusion.model import ConditionalUNet, count_parameters
-    from iclevr_diffusion.training import train
+    from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+    from iclevr_diffusion.training.loop import train
 
     run_dir = Path(runs_dir) / cfg.name
     # Under torchrun / accelerate launch every process runs this; only rank 0 talks to the user, or
@@ -79,7 +80,7 @@ def run(cfg: Config, runs_dir: Path = Path("runs"), resume: Path | None = None, 
         result = train(cfg, run_dir, resume=resume, progress=progress)
     if not main:
         return
-    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    samples = RunFolder(run_dir).sample_grids()
     if as_json:
         console.print_json({
             "run_dir": str(run_dir), "step": result.step, "epoch": result.epoch, "stopped_by": result.stopped_by,

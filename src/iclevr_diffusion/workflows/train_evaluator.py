@@ -88,7 +88,7 @@ def evaluator_progress(quiet: bool, log_every: float = LOG_EVERY):
 
 
 def print_card(card: dict, as_json: bool, note: str = "") -> None:
-    from iclevr_diffusion.evaluation import ARCH_NAMES, card_arch
+    from iclevr_diffusion.evaluator.metric import ARCH_NAMES, card_arch
 
     if as_json:
         print_json(card)
@@ -126,7 +126,7 @@ def run(
     lr: float | None = None,
 ) -> dict:
     from iclevr_diffusion.devices import resolve_device
-    from iclevr_diffusion.evaluator_training import cached_card, train_evaluator
+    from iclevr_diffusion.evaluator.training import cached_card, train_evaluator
 
     root = Path(data) if data is not None else synthetic_root(quiet)
     if not force and out is None and epochs is None and lr is None:

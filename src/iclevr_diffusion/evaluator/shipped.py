@@ -22,8 +22,9 @@ import shutil
 import time
 from pathlib import Path
 
-from iclevr_diffusion.evaluation import CARD_NAME, load_evaluator, own_evaluator_path, score_images
-from iclevr_diffusion.evaluator_training import HELDOUT_FILE, Progress, _to_float, fingerprint, load_labelled
+from iclevr_diffusion.evaluator.metric import score_images
+from iclevr_diffusion.evaluator.networks import CARD_NAME, load_evaluator, own_evaluator_path
+from iclevr_diffusion.evaluator.training import HELDOUT_FILE, Progress, _to_float, fingerprint, load_labelled
 from iclevr_diffusion.io import atomic_path, write_json
 from iclevr_diffusion.labels import packaged_file
 

@@ -29,11 +29,12 @@ from iclevr_diffusion.config import Config, validate
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.io import atomic_path, write_json, write_text
 from iclevr_diffusion.report import read_metrics
+from iclevr_diffusion.run_folder import DONE as DONE  # re-exported: workflows/compare.py writes it
+from iclevr_diffusion.run_folder import RunFolder
 
 # alpha_bar values every compared schedule reaches (linear 1e-4..0.02 at T = 300 ends at ~0.05).
 FIXED_LEVELS = (0.95, 0.8, 0.6, 0.4, 0.2, 0.08)
 PROBE_IMAGES = 32
-DONE = "DONE.json"
 
 
 def parse_timesteps(text: str) -> list[int]:
@@ -75,7 +76,7 @@ class FixedLevelProbe:
     def __call__(self, step: int, model: torch.nn.Module) -> dict[str, float]:
         if self.every <= 0 or (step % self.every and step != 1):  # step 1: where every curve starts
             return {}
-        from iclevr_diffusion.losses import target_for
+        from iclevr_diffusion.diffusion.losses import target_for
 
         was_training = model.training
         model.eval()
@@ -130,7 +131,7 @@ def _tail_mean(values: list[float], share: float = 0.1) -> float | None:
 
 
 def _sampling_seconds(pipe, sampler: str, steps: int, images: int, seed: int) -> float:
-    from iclevr_diffusion.sampling import generate
+    from iclevr_diffusion.diffusion.sampling import generate
 
     conditions = [["red sphere", "cyan cylinder", "cyan cube"]] * images
     start = time.perf_counter()
@@ -143,9 +144,8 @@ def accuracy_on_splits(
 ) -> tuple[dict[str, float | None], str]:
     """Accuracy on test and new_test with the run's fast sampler, and the evaluator's name."""
     from iclevr_diffusion.data.iclevr import SPLITS, load_conditions
-    from iclevr_diffusion.evaluation import resolve_evaluator, score_images
-    from iclevr_diffusion.labels import multi_hot_batch
-    from iclevr_diffusion.sampling import generate
+    from iclevr_diffusion.evaluator.choice import resolve_evaluator
+    from iclevr_diffusion.evaluator.scoring import sample_and_score
 
     net, choice = resolve_evaluator(
         cfg.eval.evaluator, data_root, pipe.device, note=note, synthetic_scenes=cfg.data.synthetic_scenes
@@ -153,9 +153,8 @@ def accuracy_on_splits(
     s = cfg.sample
     acc: dict[str, float | None] = {}
     for split in SPLITS:
-        conditions = load_conditions(split)
-        images = generate(pipe, conditions, s.sampler, s.steps, s.guidance_scale, cfg.seed, s.batch_size)
-        acc[split] = score_images(net, images, multi_hot_batch(conditions)).accuracy
+        acc[split] = sample_and_score(pipe, net, load_conditions(split), s.sampler, s.steps, s.guidance_scale,
+                                      cfg.seed, s.batch_size).accuracy
     return acc, choice.name
 
 
@@ -168,9 +167,9 @@ def summarize_run(
     note: Callable[[str], None],
 ) -> RunResult:
     """Loss, accuracy and sampling time of one finished run."""
-    from iclevr_diffusion.sampling import load_pipeline
+    from iclevr_diffusion.diffusion.sampling import load_pipeline
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(RunFolder(run_dir).metrics)
     losses = [r["loss"] for r in rows if "loss" in r]
     fixed = [r["fixed_level_loss"] for r in rows if "fixed_level_loss" in r]
     bar = final_alpha_bar_of(cfg)
@@ -199,7 +198,7 @@ def _steps_done(run_dir: Path, rows: list[dict]) -> int:
     import json
 
     try:
-        return int(json.loads((run_dir / DONE).read_text())["step"])
+        return int(json.loads(RunFolder(run_dir).done.read_text())["step"])
     except (OSError, ValueError, KeyError):
         return rows[-1]["step"] if rows else 0
 
@@ -211,7 +210,8 @@ def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
     fig = Figure(figsize=(15, 4.2), dpi=110)
     axes = fig.subplots(1, 3)
     for i, (name, run_dir) in enumerate(runs):
-        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        metrics = read_metrics(RunFolder(run_dir).metrics)
+        rows = [r for r in metrics if "loss" in r]
         if not rows:
             continue
         color = f"C{i}"
@@ -222,8 +222,7 @@ def plot_learning_curves(runs: list[tuple[str, Path]], out: Path) -> None:
         for ax, x in ((axes[0], steps), (axes[1], minutes)):
             ax.plot(x, loss, color=color, alpha=0.25, lw=0.8)
             ax.plot(x, smooth, color=color, lw=1.8, label=name)
-        fixed = [(r["step"], r["fixed_level_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")
-                 if "fixed_level_loss" in r]
+        fixed = [(r["step"], r["fixed_level_loss"]) for r in metrics if "fixed_level_loss" in r]
         if fixed:
             axes[2].plot(*zip(*fixed), color=color, lw=1.8, marker="o", ms=3, label=name)
     titles = ("training loss vs step", "training loss vs wall-clock", "loss at fixed noise levels (comparable)")
@@ -260,7 +259,8 @@ def write_results(results: list[RunResult], out: Path) -> list[dict[str, Any]]:
 
 
 def is_done(run_dir: Path) -> bool:
-    return (run_dir / DONE).is_file() and (run_dir / "model" / "model_index.json").is_file()
+    folder = RunFolder(run_dir)
+    return folder.done.is_file() and folder.has_model()
 
 
 def to_row(r: RunResult) -> dict[str, Any]:
@@ -274,6 +274,6 @@ def probe_every(cfg: Config) -> int:
 
 
 def final_alpha_bar_of(cfg: Config) -> float:
-    from iclevr_diffusion.schedule import final_alpha_bar, make_train_scheduler
+    from iclevr_diffusion.diffusion.schedule import final_alpha_bar, make_train_scheduler
 
     return final_alpha_bar(make_train_scheduler(cfg.schedule))

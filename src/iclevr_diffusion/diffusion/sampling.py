@@ -1,8 +1,7 @@
 """Loading an exported model and drawing images for lists of label lists.
 
-A run folder looks like runs/NAME/{config.yaml, model/, checkpoints/, ...}; `model/` is a
-ConditionalDDPMPipeline.save_pretrained folder (model_index.json, unet/, scheduler/) plus
-`run_config.yaml`, the resolved config of the run that made it.
+A run folder (run_folder.py) holds `model/`, a ConditionalDDPMPipeline.save_pretrained folder
+(model_index.json, unet/, scheduler/) plus `run_config.yaml`, the resolved config of the run that made it.
 """
 
 from __future__ import annotations
@@ -16,39 +15,15 @@ import torch
 from iclevr_diffusion.config import Config, config_from_dict
 from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
+from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
+from iclevr_diffusion.diffusion.pipeline import default_steps as pipeline_default_steps
+from iclevr_diffusion.diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
-from iclevr_diffusion.pipeline import default_steps as pipeline_default_steps
-from iclevr_diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
-
-MODEL_DIR = "model"
-RUN_CONFIG = "run_config.yaml"
-
-
-def newest_model(runs_dir: Path) -> Path:
-    """The exported model of the most recently trained run under `runs_dir`."""
-    found = sorted(Path(runs_dir).glob(f"*/{MODEL_DIR}/model_index.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise IclevrError(
-            f"No trained model found under {runs_dir}/. Train one with 'iclevr-diff train' or pass --model."
-        )
-    return found[-1].parent
-
-
-def find_model_dir(model: Path | None, runs_dir: Path = Path("runs")) -> Path:
-    """Accept an exported model folder or a run folder (which holds model/)."""
-    if model is None:
-        return newest_model(runs_dir)
-    model = Path(model)
-    if (model / "model_index.json").is_file():
-        return model
-    if (model / MODEL_DIR / "model_index.json").is_file():
-        return model / MODEL_DIR
-    if not model.exists():
-        raise IclevrError(f"--model {model} does not exist.")
-    raise IclevrError(
-        f"--model {model} holds no exported model (model_index.json); give a run folder or its model/ folder."
-    )
+from iclevr_diffusion.run_folder import (
+    MODEL_DIR as MODEL_DIR,  # re-exported: used by callers before run_folder
+)
+from iclevr_diffusion.run_folder import RUN_CONFIG, find_model_dir
+from iclevr_diffusion.run_folder import newest_model as newest_model
 
 
 def load_pipeline(
@@ -82,8 +57,8 @@ def load_pipeline(
 def check_model(pipe: ConditionalDDPMPipeline, folder: Path) -> None:
     """A diffusers folder of another model (a plain UNet2DModel, another label count) loads without
     complaint but fails at the first forward pass: refuse it here, naming what it holds."""
+    from iclevr_diffusion.diffusion.model import ConditionalUNet
     from iclevr_diffusion.labels import NUM_CLASSES
-    from iclevr_diffusion.model import ConditionalUNet
 
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, ConditionalUNet):
@@ -158,16 +133,15 @@ def generate(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     autocast: bool | None = None,
-    frames: int = 0,
-):
+) -> torch.Tensor:
     """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches of `batch_size`.
 
     sampler, steps, guidance_scale: None takes the pipeline's saved defaults (the run's `sample` section).
     Image i is seeded from (seed, i), so it does not depend on batch_size. `progress(n)` is called
     after every denoising step of a batch with n = the images in that batch, so a bar over
     len(conditions) * steps fills exactly (the pipeline's own tqdm bar is off meanwhile).
-    `autocast=None` takes the measured default for the device (bf16 on CPUs with native bf16). With
-    `frames` > 0 also returns the (frames, N, 3, S, S) denoising-process states (see ConditionalDDPMPipeline).
+    `autocast=None` takes the precision policy's default for the device (precision.sampling_autocast).
+    The denoising-process strip comes from the pipeline itself (`pipe(..., frames=F)`).
     """
     if batch_size < 1:
         raise IclevrError(f"--batch-size must be positive, got {batch_size}.")
@@ -175,7 +149,7 @@ def generate(
         raise IclevrError(f"--seed must be 0 or more, got {seed}.")
     sampler, steps, guidance_scale = pipe.sampling_defaults(sampler, steps, guidance_scale)
     labels = labels_to_tensor(conditions, pipe.unet.config.num_classes, warn=False)  # input time warned
-    chunks, strips = [], []
+    chunks = []
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if progress is not None:
         pipe.set_progress_bar_config(**{**bar_config, "disable": True})
@@ -183,13 +157,8 @@ def generate(
         for i in range(0, len(labels), batch_size):
             batch = labels[i : i + batch_size]
             out = pipe(batch, steps, guidance_scale, generator=image_generators(seed, i, len(batch)),
-                       callback=progress, autocast=autocast, frames=frames, sampler=sampler, output_type="pt")
+                       callback=progress, autocast=autocast, sampler=sampler, output_type="pt")
             chunks.append(out.images)
-            if frames:
-                strips.append(out.frames)
     finally:
         pipe.set_progress_bar_config(**bar_config)
-    images = torch.cat(chunks)
-    if frames:
-        return images, torch.cat(strips, dim=1)
-    return images
+    return torch.cat(chunks)

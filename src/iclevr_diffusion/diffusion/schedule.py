@@ -20,7 +20,7 @@ def make_train_scheduler(cfg: ScheduleConfig, sigma_data: float | None = None):
     """`sigma_data` (EDM) overrides cfg.sigma_data, e.g. with the value measured on the training set;
     with neither, EDM's natural-image 0.5 (only tools that do not train, like speed benchmarks)."""
     if cfg.formulation == "edm":
-        from iclevr_diffusion.edm import make_edm_scheduler
+        from iclevr_diffusion.diffusion.edm import make_edm_scheduler
 
         sd = sigma_data if sigma_data is not None else cfg.sigma_data
         return make_edm_scheduler(0.5 if sd is None else sd, cfg.sigma_min, cfg.sigma_max)

@@ -1,6 +1,6 @@
 """Training the toolkit's own evaluator where the course's checkpoint.pth is absent.
 
-Two architectures (evaluation.py): for a user's dataset the official one (torchvision ResNet18,
+Two architectures (networks.py): for a user's dataset the official one (torchvision ResNet18,
 random init, fc = Linear(512, 24) + Sigmoid), saved in the same format ({"model": state_dict}); for
 the built-in synthetic data a small CNN ("small-cnn", ~15x fewer FLOPs per image, saved as
 {"model": state_dict, "arch": "small-cnn"}), so the first `evaluate` on it takes minutes, not an hour,
@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from iclevr_diffusion import __version__
+from iclevr_diffusion import __version__, precision
 from iclevr_diffusion.data.iclevr import ICLEVRDataset
 from iclevr_diffusion.devices import cpu_model
 from iclevr_diffusion.errors import IclevrError
-from iclevr_diffusion.evaluation import (
+from iclevr_diffusion.evaluator.metric import score_images
+from iclevr_diffusion.evaluator.networks import (
     ARCH_DESCRIPTIONS,
     ARCHS,
     CARD_NAME,
@@ -48,10 +49,12 @@ from iclevr_diffusion.evaluation import (
     build_evaluator,
     card_arch,
     flops_per_image,
+    is_builtin_synthetic,
+    load_checkpoint,
     own_evaluator_path,
     parameter_count,
+    read_card,
     save_checkpoint,
-    score_images,
 )
 from iclevr_diffusion.io import write_json
 from iclevr_diffusion.labels import to_multi_hot
@@ -137,8 +140,6 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 def default_arch(root: str | Path) -> str:
     """The small CNN for the built-in synthetic data, the course's ResNet18 for any other dataset."""
-    from iclevr_diffusion.evaluation import is_builtin_synthetic
-
     return SMALL_CNN if is_builtin_synthetic(root) else RESNET18
 
 
@@ -163,8 +164,6 @@ def train_evaluator(
     after each step (info: epoch, loss, images_per_s, eta_s); "epoch done" after each epoch (done =
     epochs finished; info: heldout_accuracy, loss, images_per_s, eta_s, seconds); "scoring held-out images".
     """
-    from iclevr_diffusion.evaluation import load_checkpoint, read_card
-
     root = Path(root)
     device = torch.device(device)
     init_state = None
@@ -320,30 +319,16 @@ def train_evaluator(
     return card
 
 
-def default_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast can be fast here at all: CUDA with bf16, or a CPU with native bf16 (oneDNN
-    says so). On such a CPU it is not always faster (ResNet18 on a Xeon with AMX: not), so training
-    decides by timing: `resolve_precision`."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_precision(
     model: nn.Module, device: torch.device, bf16: bool | None, batch: int = 32
 ) -> tuple[bool, dict | None]:
-    """(use bf16 autocast, the timing that decided it or None): as asked; on CUDA bf16 where supported;
-    on a CPU without native bf16 fp32; on one with it, whichever `time_precisions` measures faster
+    """(use bf16 autocast, the timing that decided it or None): as asked, else by the precision policy
+    (precision.measured_bf16): on a CPU with native bf16 whichever `time_precisions` measures faster
     (bf16 only if BF16_MARGIN faster: it rounds, so a tie goes to fp32)."""
     if bf16 is not None:
         return bf16, None
-    if device.type != "cpu" or not default_bf16(device):
-        return default_bf16(device), None
-    timing = time_precisions(model, batch)
-    return timing["bf16_images_per_s"] >= BF16_MARGIN * timing["fp32_images_per_s"], timing
+    return precision.measured_bf16(device, lambda: time_precisions(model, batch),
+                                   lambda t: t["bf16_images_per_s"] >= BF16_MARGIN * t["fp32_images_per_s"])
 
 
 def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
@@ -354,23 +339,12 @@ def time_precisions(model: nn.Module, batch: int = 32, rounds: int = 2) -> dict:
     device = next(probe.parameters()).device
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 2 - 1).to(device)
-    best = {False: math.inf, True: math.inf}
-    for i in range(rounds + 1):
-        for bf16 in (False, True):
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = probe(x)
-            out.float().square().mean().backward()
-            probe.zero_grad(set_to_none=True)
-            if i:
-                best[bf16] = min(best[bf16], time.perf_counter() - start)
-    return {"fp32_images_per_s": round(batch / best[False], 1), "bf16_images_per_s": round(batch / best[True], 1),
+    fp32_s, bf16_s = precision.time_passes(lambda: probe(x).float().square().mean(), probe, device.type, rounds)
+    return {"fp32_images_per_s": round(batch / fp32_s, 1), "bf16_images_per_s": round(batch / bf16_s, 1),
             "batch": batch}
 
 
 def dataset_name(root: Path) -> str:
-    from iclevr_diffusion.evaluation import is_builtin_synthetic
-
     return "built-in synthetic i-CLEVR" if is_builtin_synthetic(root) else root.resolve().name
 
 
@@ -402,13 +376,3 @@ def cached_card(root: Path, arch: str | None = None) -> dict | None:
         return None
     card["checkpoint"] = str(ckpt)
     return card
-
-
-def ensure_evaluator(root: str | Path, progress: Progress | None = None, shipped=None, **kwargs) -> dict:
-    """The cached own evaluator of ROOT; on first use (missing or stale) the shipped one where it fits
-    ROOT (evaluator_shipped.py: seconds), else one trained on ROOT (minutes)."""
-    from iclevr_diffusion.evaluator_shipped import install_shipped  # it builds on this module
-
-    root = Path(root)
-    return (cached_card(root) or install_shipped(root, progress, shipped)
-            or train_evaluator(root, progress=progress, **kwargs))

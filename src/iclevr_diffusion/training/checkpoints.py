@@ -30,14 +30,15 @@ from safetensors.torch import load_file, save_file
 
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.io import usual_permissions
+from iclevr_diffusion.run_folder import CHECKPOINTS as CHECKPOINTS  # the run folder names them
+from iclevr_diffusion.run_folder import CONFIG, step_name
 
-CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 REQUIRED = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt")
 
 
 def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
+    return step_name(step)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -83,7 +84,7 @@ def finish(
         _save_tensors({str(i): p for i, p in enumerate(ema_params)}, tmp / "ema.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / CONFIG).write_text(config_yaml)
         usual_permissions(tmp)  # safetensors writes 0600
         for f in tmp.iterdir():  # flush file contents before the rename makes the folder visible
             with open(f, "rb") as fh:
@@ -139,7 +140,7 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
         "state": torch.load(path / "state.pt", weights_only=True, map_location="cpu"),
         # A run resumed with more processes than it was saved with gets fresh RNG on the new ranks.
         "rng": torch.load(rng_file, weights_only=True) if rng_file.is_file() else None,
-        "config": (path / "config.yaml").read_text() if (path / "config.yaml").is_file() else None,
+        "config": (path / CONFIG).read_text() if (path / CONFIG).is_file() else None,
     }
 
 

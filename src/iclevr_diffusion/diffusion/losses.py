@@ -52,7 +52,7 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """DDPM: mean squared error between the model output and the target at uniformly drawn timesteps.
     EDM (an EDM scheduler): edm.edm_loss at log-normal noise levels."""
-    from iclevr_diffusion.edm import edm_loss, is_edm
+    from iclevr_diffusion.diffusion.edm import edm_loss, is_edm
 
     if is_edm(scheduler):
         return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std)

@@ -38,14 +38,14 @@ TIMESTEP_SPACING = "trailing"  # every DDPM-model sampler's (see the module docs
 
 def samplers_for(train_scheduler: SchedulerMixin) -> tuple[str, ...]:
     """The sampler names a model trained with `train_scheduler` offers (DDPM or EDM formulation)."""
-    from iclevr_diffusion.edm import EDM_SAMPLERS, is_edm
+    from iclevr_diffusion.diffusion.edm import EDM_SAMPLERS, is_edm
 
     return EDM_SAMPLERS if is_edm(train_scheduler) else SAMPLERS
 
 
 def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule."""
-    from iclevr_diffusion.edm import is_edm, make_edm_sampler
+    from iclevr_diffusion.diffusion.edm import is_edm, make_edm_sampler
 
     offered = samplers_for(train_scheduler)
     if name not in offered:
@@ -111,7 +111,7 @@ def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, s
     RMS is at most 1; well above 1 means the model's x0 is off by more than the data range.
     For an EDM model: D(x; sigma_max) with x = sigma_max * noise.
     """
-    from iclevr_diffusion.edm import denoise, is_edm
+    from iclevr_diffusion.diffusion.edm import denoise, is_edm
 
     if is_edm(train_scheduler):
         size, sd = int(unet.config.sample_size), float(train_scheduler.config.sigma_data)
@@ -152,7 +152,7 @@ def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMix
     and re-derive the noise from it, so the error accumulates into coloured floors and a 2x2 checkerboard;
     DDIM clips x0 but keeps the model's own noise estimate, which pulls over-range predictions back.
     """
-    from iclevr_diffusion.edm import is_edm
+    from iclevr_diffusion.diffusion.edm import is_edm
 
     if sampler == "ddim":  # (a DDPM-only name: EDM models are probed with every sampler)
         return None

@@ -8,33 +8,33 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from iclevr_diffusion import checkpoints as ckpt
 from iclevr_diffusion.config import Config
+from iclevr_diffusion.run_folder import RUN_CONFIG, RunFolder
+from iclevr_diffusion.training import checkpoints as ckpt
 
 SAMPLE_CONDITIONS = 32  # the first 32 test.json conditions, 8 per row
 
 
-class RunFiles:
-    """The run folder's files (main process only)."""
+class RunFiles(RunFolder):
+    """Writing the run folder's files (main process only); the names are RunFolder's."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.checkpoints = run_dir / ckpt.CHECKPOINTS
-        self.samples = run_dir / "samples"
-        self.snapshots = run_dir / "snapshots"  # EMA exports at train.snapshot_minutes
-        self.metrics = run_dir / "metrics.jsonl"
+    @property
+    def run_dir(self) -> Path:
+        return self.root
 
     def start(self, cfg: Config, step: int) -> None:
         from iclevr_diffusion.io import write_text
 
-        for d in (self.run_dir, self.checkpoints, self.samples):
+        for d in (self.root, self.checkpoints, self.samples):
             d.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temps(self.checkpoints)
-        write_text(self.run_dir / "config.yaml", cfg.to_yaml())
+        write_text(self.config, cfg.to_yaml())
         self._truncate(step)
 
     def _truncate(self, step: int) -> None:
@@ -57,6 +57,11 @@ class RunFiles:
             f.write(json.dumps(row) + "\n")
 
 
+def due_snapshots(marks: list[float], elapsed_s: float, folder: RunFolder) -> list[float]:
+    """train.snapshot_minutes marks passed by now and not exported yet (a resumed run does not redo them)."""
+    return [m for m in marks if m * 60 <= elapsed_s and not folder.snapshot(m).is_dir()]
+
+
 class ema_weights:
     """Context: the model holds the EMA weights inside, its own weights again after."""
 
@@ -73,30 +78,44 @@ class ema_weights:
         return False
 
 
-def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
-    """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
-    from iclevr_diffusion.data.iclevr import load_conditions
-    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
-    from iclevr_diffusion.sampling import generate
+@contextmanager
+def sampling_pipeline(model, noise_sched) -> Iterator:
+    """The model being trained as a pipeline, in eval mode while inside (its own mode again after)."""
+    from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
 
-    conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
     pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched)
     pipe.set_progress_bar_config(disable=True)
     was_training = model.training
     model.eval()
     try:
-        s = cfg.sample
-        steps = s.steps if s.sampler != "ddpm" else min(s.steps, noise_sched.config.num_train_timesteps)
-        return generate(pipe, conditions, s.sampler, steps, s.guidance_scale, seed=cfg.seed, batch_size=s.batch_size)
+        yield pipe
     finally:
         model.train(was_training)
+
+
+def sampling_recipe(cfg: Config, noise_sched) -> dict:
+    """The cfg.sample sampler, steps (ddpm: at most T), guidance, seed and batch size, as keywords."""
+    s = cfg.sample
+    steps = s.steps if s.sampler != "ddpm" else min(s.steps, noise_sched.config.num_train_timesteps)
+    return {"sampler": s.sampler, "steps": steps, "guidance_scale": s.guidance_scale, "seed": cfg.seed,
+            "batch_size": s.batch_size}
+
+
+def sample_images(model, noise_sched, cfg: Config, conditions=None) -> torch.Tensor:
+    """The fixed-seed sample grid: the first 32 test.json conditions with the cfg.sample sampler."""
+    from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.diffusion.sampling import generate
+
+    conditions = conditions or load_conditions("test")[:SAMPLE_CONDITIONS]
+    with sampling_pipeline(model, noise_sched) as pipe:
+        return generate(pipe, conditions, **sampling_recipe(cfg, noise_sched))
 
 
 def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
     """model/ = ConditionalDDPMPipeline(EMA UNet, training scheduler, the run's sampling defaults) + run_config.yaml,
     swapped in atomically. Loads with ConditionalDDPMPipeline.from_pretrained or, with the package installed,
     diffusers' DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)."""
-    from iclevr_diffusion.pipeline import ConditionalDDPMPipeline
+    from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +130,7 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
                                        default_steps=s.steps, default_guidance_scale=s.guidance_scale)
         with ema_weights(model, ema):
             pipe.save_pretrained(tmp)
-        (tmp / "run_config.yaml").write_text(cfg.to_yaml())
+        (tmp / RUN_CONFIG).write_text(cfg.to_yaml())
     except Exception as e:  # a full disk: OSError, or SafetensorError from safetensors
         raise ckpt.write_failed(tmp, out, e, "the model export", "The previous export is kept") from None
     if out.exists():
@@ -125,40 +144,38 @@ def evaluate_hook(model, ema, noise_sched, cfg: Config, run_dir: Path, step: int
     """Score the EMA model on cfg.eval.splits with the ResNet18 evaluator; keep best/ when it improves.
 
     The evaluator is cfg.eval.evaluator, else the data root's checkpoint.pth or its own trained one
-    (`iclevr_diffusion.evaluation.find_evaluator`). Without one, evaluation is skipped with a note.
+    (`iclevr_diffusion.evaluator.choice.find_evaluator`). Without one, evaluation is skipped with a note.
     Writes eval.jsonl (step, accuracy per split, mean) and best/ (an export like model/ + best.json).
     """
     if not main:
         return None
-    try:
-        from iclevr_diffusion import evaluation
-    except ImportError:
-        emit("note", message="evaluation skipped: iclevr_diffusion.evaluation is not available")
-        return None
-    choice = evaluation.find_evaluator(cfg.eval.evaluator, data_root)
+    from iclevr_diffusion.evaluator.choice import find_evaluator
+    from iclevr_diffusion.evaluator.networks import load_evaluator
+
+    choice = find_evaluator(cfg.eval.evaluator, data_root)
     if choice is None:
         emit("note", message="evaluation skipped: no evaluator (set eval.evaluator, or 'iclevr-diff train-evaluator')")
         return None
     from iclevr_diffusion.data.iclevr import load_conditions
+    from iclevr_diffusion.evaluator.scoring import sample_and_score
     from iclevr_diffusion.io import write_json
-    from iclevr_diffusion.labels import multi_hot_batch
 
-    judge = evaluation.load_evaluator(choice.path, next(model.parameters()).device)
+    judge = load_evaluator(choice.path, next(model.parameters()).device)
     scores = {}
-    with ema_weights(model, ema):
+    with ema_weights(model, ema), sampling_pipeline(model, noise_sched) as pipe:
         for split in cfg.eval.splits:
-            conditions = load_conditions(split)
-            images = sample_images(model, noise_sched, cfg, conditions)
-            scores[split] = evaluation.score_images(judge, images, multi_hot_batch(conditions)).accuracy
+            scores[split] = sample_and_score(pipe, judge, load_conditions(split),
+                                             **sampling_recipe(cfg, noise_sched)).accuracy
     mean = sum(scores.values()) / len(scores)
     row = {"step": step, **scores, "mean": mean}
-    with open(run_dir / "eval.jsonl", "a") as f:
+    folder = RunFolder(run_dir)
+    with open(folder.eval_log, "a") as f:
         f.write(json.dumps(row) + "\n")
-    best_file = run_dir / "best" / "best.json"
+    best_file = folder.best_file
     best = json.loads(best_file.read_text())["mean"] if best_file.exists() else -math.inf
     emit("note", message=f"step {step}: accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if mean > best:
-        export_model(model, ema, noise_sched, cfg, run_dir / "best")
+        export_model(model, ema, noise_sched, cfg, folder.best)
         write_json(best_file, row)
         emit("note", message=f"new best at step {step}: mean accuracy {mean:.3f} (saved to best/)")
     return row

@@ -51,12 +51,8 @@ def build_dataset(
 
     root = cfg.data.root
     if root is None:
-        try:
-            from iclevr_diffusion.data.synthetic import COMPLETE, cached_root, default_dataset_root, planned_images
-        except ImportError:
-            raise IclevrError(
-                "The built-in synthetic dataset is not available in this version; pass --data PATH_TO_ICLEVR."
-            ) from None
+        from iclevr_diffusion.data.synthetic import COMPLETE, cached_root, default_dataset_root, planned_images
+
         scenes = cfg.data.synthetic_scenes
         if note:
             fresh = not (cached_root(scenes) / COMPLETE).is_file()
@@ -71,7 +67,7 @@ def build_dataset(
 
         root = default_dataset_root(scenes, progress=tick)
     # Flips are applied by the loop from its own generator (resumable), never inside the dataset.
-    dataset = ICLEVRDataset(root, cfg.data.image_size, cfg.data.resize, cfg.data.images, hflip=False)
+    dataset = ICLEVRDataset(root, cfg.data.image_size, cfg.data.resize, cfg.data.images)
     return CachedImages(dataset)
 
 
@@ -102,3 +98,24 @@ def batches(
     for idx in index_lists:
         items = [dataset[i] for i in idx]
         yield torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:
+    """Images per process per forward pass: train.batch_size split over accumulation and processes."""
+    per = batch_size // (grad_accum * world)
+    if per * grad_accum * world != batch_size:
+        raise IclevrError(
+            f"train.batch_size={batch_size} must be divisible by train.grad_accum={grad_accum} x {world} "
+            "process(es); change train.batch_size."
+        )
+    return per
+
+
+def augment(images, labels, cfg: Config, gen: torch.Generator, device):
+    """data.hflip flips, drawn from the run's generator so they resume exactly; channels_last; to device."""
+    if cfg.data.hflip:
+        flip = torch.rand(images.shape[0], generator=gen) < 0.5
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    if cfg.train.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
