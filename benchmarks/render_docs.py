@@ -44,6 +44,8 @@ RECIPES = {
     "default-lpb2": "the default, 2 resnet layers per level (1.7x the time per step)",
     "default-w48": "the default, 1.5x the width: 48/96/192 (1.9x the time per step)",
     "default": "**the default preset**",
+    "default-heun": "the default preset, sampled with Heun (its default)",
+    "default-dpm++sde": "the default preset, sampled with DPM-Solver++ SDE",
 }
 NFE = {"heun": lambda n: 2 * n - 1}  # network evaluations per sample; other samplers: one per step
 

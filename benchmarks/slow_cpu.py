@@ -67,9 +67,9 @@ def train_speed_child(preset_overrides: list[str], seconds: float, smoke: bool) 
     import torch
 
     from iclevr_diffusion.config import load_config
-    from iclevr_diffusion.edm import edm_loss, make_edm_scheduler
-    from iclevr_diffusion.model import ConditionalUNet
-    from iclevr_diffusion.pipeline import autocast_default
+    from iclevr_diffusion.diffusion.edm import edm_loss, make_edm_scheduler
+    from iclevr_diffusion.diffusion.model import ConditionalUNet
+    from iclevr_diffusion.precision import sampling_autocast
 
     sets = [*preset_overrides, *(["model.block_out_channels=[32,32]", "model.attention=[false,false]"] if smoke
                                  else [])]
@@ -77,7 +77,7 @@ def train_speed_child(preset_overrides: list[str], seconds: float, smoke: bool) 
     torch.manual_seed(0)
     model = ConditionalUNet.from_run_config(cfg)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    bf16 = autocast_default(torch.device("cpu"))
+    bf16 = sampling_autocast(torch.device("cpu"))
     scheduler = make_edm_scheduler(0.2)
     x = torch.rand(16, 3, 64, 64) * 2 - 1
     labels = (torch.rand(16, 24) < 0.08).float()

@@ -17,20 +17,20 @@ from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.training import checkpoints as ckpt
 from iclevr_diffusion.training.loop import train
-from tiny_data import TINY_MODEL, expected_ranked_accuracy, make_tiny_dataset, write_ranked_evaluator
+from tiny_data import (
+    TINY_MODEL,
+    expected_ranked_accuracy,
+    final_weights,
+    make_tiny_dataset,
+    tiny_cfg,
+    write_ranked_evaluator,
+)
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "iclevr_data", n=12)
 
-
-def tiny_cfg(root, *sets):
-    return load_config("default", [*TINY_MODEL, f"data.root={root}", *sets])
-
-
-def final_weights(run_dir):
-    return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
 
 
 def assert_bit_identical(run_a, run_b):

@@ -15,31 +15,21 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from iclevr_diffusion.config import load_config
 from iclevr_diffusion.diffusion.losses import snr_weights
 from iclevr_diffusion.diffusion.model import ConditionalUNet
 from iclevr_diffusion.diffusion.schedule import make_train_scheduler
-from iclevr_diffusion.training import checkpoints as ckpt
 from iclevr_diffusion.training.batches import build_dataset
 from iclevr_diffusion.training.loop import train
-from tiny_data import TINY_MODEL, make_tiny_dataset
+from tiny_data import final_weights, make_tiny_dataset, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny") / "iclevr_data", n=12)
 
-
-def tiny_cfg(root, *sets):
-    return load_config("default", [*TINY_MODEL, f"data.root={root}", *sets])
-
-
-def final_weights(run_dir):
-    return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))
 
 
 def metrics(run_dir):

@@ -75,3 +75,19 @@ def expected_ranked_accuracy(conditions: list[list[str]]) -> float:
     """The ranked evaluator's top-k are classes 0..k-1: count the true ones by hand."""
     hits = sum(sum(LABEL_INDEX[n] < len(c) for n in c) for c in conditions)
     return hits / sum(len(c) for c in conditions)
+
+
+def tiny_cfg(root, *sets):
+    """The default preset with the tiny model (TINY_MODEL) on the tiny dataset at ROOT, plus SETS."""
+    from iclevr_diffusion.config import load_config
+
+    return load_config("default", [*TINY_MODEL, f"data.root={root}", *sets])
+
+
+def final_weights(run_dir):
+    """The raw model weights of a run's newest checkpoint."""
+    from safetensors.torch import load_file
+
+    from iclevr_diffusion.training import checkpoints as ckpt
+
+    return load_file(str(ckpt.list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors"))

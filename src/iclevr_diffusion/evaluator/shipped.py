@@ -1,6 +1,6 @@
 """The small-CNN evaluator shipped with the toolkit for the built-in synthetic set.
 
-Training the own evaluator on first use cost 2 minutes on a 2-core CPU with bf16 and about 10 without
+Training the own evaluator on first use cost 2 minutes on a 2-core CPU with bf16 and longer without
 (an AVX2-only CPU trains the small CNN in fp32), on every fresh machine, for a network that comes out
 the same each time: the built-in set is deterministic. So it was trained once (`iclevr-diff
 train-evaluator` with its defaults) and ships as package data (data/files/evaluator/, ~0.5 MB) with its
