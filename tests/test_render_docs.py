@@ -126,8 +126,8 @@ def test_main_job_spread_is_the_population_sd_of_the_seeds_not_the_files_accurac
         "guidance_scale": 3.0,
     }
     data = {"machine": MACHINE, "steps": 10, "train_wall_s": 831.5, "evaluate": {"results": [result]}}
-    assert render_docs.main_job_accuracy(data) == {"test": (55.0, pytest.approx(5.0), 4, 32)}
-    lines = render_docs.main_job([("main_job.json", data)], {})
+    assert render_docs.current.main_job_accuracy(data) == {"test": (55.0, pytest.approx(5.0), 4, 32)}
+    lines = render_docs.current.main_job([("main_job.json", data)], {})
     assert (
         "| accuracy on test (32 conditions, 4 seeds, heun 18, guidance 3) | **55.0% ± 5.0** "
         "(seeds 50.0 / 60.0 / 50.0 / 60.0) |" in lines
@@ -164,7 +164,7 @@ def test_evaluator_table_reads_the_current_results_shape():
             "images_scored_alike": 0.8,
         },
     }
-    lines = render_docs.evaluator([("evaluator.json", data)], {})
+    lines = render_docs.current.evaluator([("evaluator.json", data)], {})
     assert lines[0] == "| what | small-cnn (`evaluator.json`) | resnet18 (`evaluator.json`) |"
     assert "| held-out accuracy | **99.11%** (1,784/1,800 labels) | **99.28%** (1,784/1,800 labels) |" in lines
     assert "| parameters | 137,128 | 11,189,336 |" in lines

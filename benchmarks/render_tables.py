@@ -1,0 +1,407 @@
+"""The table kinds of benchmarks/render_docs.py: one function per results-file shape.
+
+Each kind takes [(path, data)] (the results files a marker names, parsed) and the marker's options,
+and returns markdown lines: the table, its spread convention, seeds and conditions where the file has
+them, and one source line per file (path, exact command, commit, CPU model and flags, torch and its
+threads, date; "not recorded" for what an older file lacks). Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+SPREAD = "Spread: population standard deviation over seeds, in percentage points."
+NOT_RECORDED = "not recorded"
+# What the recipes of benchmarks/quality_at_steps.py are, for the reader; an unknown one shows its name.
+RECIPES = {
+    "ddpm-minsnr": "previous default: epsilon DDPM, linear betas, min-SNR 5, lr 1e-3",
+    "edm": "EDM, lr 1e-3",
+    "edm-adagn": "EDM + AdaGN, lr 1e-3",
+    "edm-adagn-lr4e-3": "EDM + AdaGN, lr 4e-3",
+    "edm-adagn-lr2e-3-p08": "EDM + AdaGN, lr 2e-3, EDM2's noise levels (P_mean -0.8, P_std 1.6)",
+    "edm-adagn-lr2e-3": "EDM + AdaGN, lr 2e-3",
+    "default-lpb2": "the default, 2 resnet layers per level (1.7x the time per step)",
+    "default-w48": "the default, 1.5x the width: 48/96/192 (1.9x the time per step)",
+    "default": "**the default preset**",
+    "default-heun": "the default preset, sampled with Heun (its default)",
+    "default-dpm++sde": "the default preset, sampled with DPM-Solver++ SDE",
+}
+NFE = {"heun": lambda n: 2 * n - 1}  # network evaluations per sample; other samplers: one per step
+
+
+class RenderError(Exception):
+    """A marker or results file that cannot be rendered: one line for the user."""
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+
+def num(x, digits: int = 0) -> str:
+    if x is None:
+        return NOT_RECORDED
+    return f"{x:,.{digits}f}" if isinstance(x, float) or digits else f"{x:,}"
+
+
+def acc(mean: float | None, spread: float | None = None) -> str:
+    """An accuracy in percent, with its spread in points when there is one."""
+    if mean is None:
+        return NOT_RECORDED
+    return f"{mean:.1f}%" + ("" if spread is None else f" ± {spread:.1f}")
+
+
+def pop_sd(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return NOT_RECORDED
+    m, s = divmod(round(seconds), 60)
+    return f"{m}:{s:02d}"
+
+
+def table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
+
+
+def machine_of(data: dict) -> dict:
+    """The `machine` dict, or the same keys at the top level and in the card (evaluator cards)."""
+    if data.get("machine"):
+        return data["machine"]
+    card = data.get("card") or {}
+    found = {"date": card.get("date"), "torch_threads": card.get("threads")}
+    return {**found, **{k: data[k] for k in ("command", "commit", "cpu", "cpu_flags", "date") if k in data}}
+
+
+def source_line(path: str, data: dict) -> str:
+    m = machine_of(data)
+
+    def get(key):
+        value = m.get(key)
+        return NOT_RECORDED if value in (None, "", []) else value
+
+    flags = m.get("cpu_flags")
+    flags = ", ".join(flags) if flags else "flags " + NOT_RECORDED
+    command = f"`{m['command']}`" if m.get("command") else NOT_RECORDED
+    return (
+        f"Source: `{path}`; command: {command}; commit: {get('commit')}; CPU: {get('cpu')} ({flags}), "
+        f"{get('cores')} cores; torch {get('torch')}; torch threads: {get('torch_threads')}; date: {get('date')}."
+    )
+
+
+def footer(files: list[tuple[str, dict]], *notes: str) -> list[str]:
+    """The notes as one paragraph, then one bullet per source file."""
+    notes = [n for n in notes if n]
+    return ["", *notes, *([""] if notes else []), *[f"- {source_line(p, d)}" for p, d in files]]
+
+
+def seeds_and_conditions(rows: list[dict]) -> str:
+    seeds = sorted({len(r["seeds"]) for r in rows if r.get("seeds")})
+    cond = {}
+    for r in rows:
+        if r.get("split") and r.get("conditions"):
+            cond.setdefault(r["split"], r["conditions"])
+    text = f"Seeds: {' or '.join(map(str, seeds))}." if seeds else "Seeds: " + NOT_RECORDED + "."
+    if cond:
+        text += " Conditions per split: " + ", ".join(f"{s} {n}" for s, n in cond.items()) + "."
+    return text
+
+
+# --- the table kinds: each takes [(path, data)] and options, returns markdown lines ----------------
+
+
+def quality_at_steps(files, opts):
+    """Rows {recipe, steps, split, mean, spread, seeds} of benchmarks/quality_at_steps.py, one column per split."""
+    group = opts.get("group", "recipe_name")  # recipe_name: what trained; recipe: "default" if it is the shipped one
+    rows = [r for _, d in files for r in d["rows"]]
+    if opts.get("recipes"):
+        rows = [r for r in rows if r.get(group, r["recipe"]) in opts["recipes"].split(",")]
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    batch = next((d["batch_size"] for _, d in files if d.get("batch_size")), None)
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r.get(group, r["recipe"]), r["steps"]), {"row": r})[r["split"]] = r
+    order = list(RECIPES)
+    keys = sorted(cells, key=lambda k: (k[1], order.index(k[0]) if k[0] in order else len(order)))
+    out = []
+    for name, steps in keys:
+        first = cells[(name, steps)]["row"]
+        images = f" ({steps * batch:,})" if batch else ""
+        sampler = (
+            f"{first.get('sampler', '?')} {first.get('sampler_steps', '')}, guidance {first.get('guidance', '?'):g}"
+        )
+        split_cells = [
+            acc(c["mean"], c.get("spread")) if (c := cells[(name, steps)].get(s)) else "not run" for s in splits
+        ]
+        if name in opts.get("highlight", "default").split(","):
+            split_cells = [f"**{c}**" if c != "not run" else c for c in split_cells]
+        out.append([RECIPES.get(name, f"`{name}`"), f"{steps:,}{images}", sampler, *split_cells])
+    header = ["recipe", f"steps{f' of batch {batch} (training images)' if batch else ''}", "sampler", *splits]
+    return table(header, out, {1, *range(3, 3 + len(splits))}) + footer(
+        files, SPREAD + " " + seeds_and_conditions(rows)
+    )
+
+
+def main_job_accuracy(data: dict) -> dict[str, tuple[float, float, int, int]]:
+    """split -> (mean %, population SD in points, seeds, conditions), from the per-seed accuracies."""
+    out = {}
+    for r in data["evaluate"]["results"]:
+        seeds = [100 * a for a in r.get("accuracies") or [r["accuracy"]]]
+        out[r["split"]] = (statistics.fmean(seeds), pop_sd(seeds), len(seeds), r.get("images"))
+    return out
+
+
+def main_job(files, opts):
+    """benchmarks/main_job.py: the README's newcomer path on a fresh cache, timed, and its accuracy."""
+    (_, d), rows = files[0], []
+    ev = d.get("evaluator_first_use") or {}
+    rows.append(
+        ["`iclevr-diff train`, wall clock (rendering the built-in set included)", minutes(d.get("train_wall_s"))]
+    )
+    rows.append(["optimizer steps", num(d.get("steps"))])
+    rows.append(["training time the trainer logged", minutes(d.get("train_elapsed_s"))])
+    rows.append(["images/s, last logged", num(d.get("images_per_s_last"), 1)])
+    rows.append(["`iclevr-diff evaluate --seeds 4`, wall clock", minutes(d.get("evaluate_wall_s"))])
+    held = ev.get("heldout_accuracy")
+    rows.append(
+        [
+            f"of which training the own evaluator ({ev.get('arch', NOT_RECORDED)}) on first use",
+            f"{num(ev.get('seconds'), 1)} s, {acc(None if held is None else 100 * held)} held-out",
+        ]
+    )
+    results = d["evaluate"]["results"]
+    for split, (mean, sd, n, cond) in main_job_accuracy(d).items():
+        r = next(x for x in results if x["split"] == split)
+        sampler = f"{r.get('sampler')} {r.get('steps')}, guidance {r.get('guidance_scale'):g}"
+        per_seed = " / ".join(f"{100 * a:.1f}" for a in r.get("accuracies", []))
+        rows.append(
+            [
+                f"accuracy on {split} ({cond} conditions, {n} seeds, {sampler})",
+                f"**{acc(mean, sd)}** (seeds {per_seed})",
+            ]
+        )
+    for r in results:
+        if r.get("per_shape"):
+            shapes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["per_shape"].items(), key=lambda kv: -kv[1]))
+            rows.append([f"per shape on {r['split']}", shapes])
+    note = SPREAD[:-1] + ", computed here from the per-seed accuracies in the file."
+    cmds = "; ".join(f"`{c}`" for c in d.get("commands", [])) or NOT_RECORDED
+    return table(["what", "figure"], rows, {1}) + footer(files, note, f"Commands it ran: {cmds}.")
+
+
+def readme_quality(files, opts):
+    """The README's quality table: the main job (main_job.json), then the default and the previous
+    default at each step count of quality_at_steps.json."""
+    by = {Path(p).name: (p, d) for p, d in files}
+    out = []
+    mj_path, mj = by["main_job.json"]
+    acc_mj = main_job_accuracy(mj)
+    ips = mj.get("images_per_s_last")
+    out.append(
+        [
+            f"`iclevr-diff train` (the main job: {minutes(mj.get('train_wall_s'))} wall on a fresh cache, "
+            "rendering included)",
+            f"{num(mj.get('steps'))} steps, {num(ips, 1)} images/s (last logged)",
+            *[acc(*acc_mj[s][:2]) if s in acc_mj else "not run" for s in ("test", "new_test")],
+        ]
+    )
+    qp, q = by["quality_at_steps.json"]
+    names = {"default": "the default preset", "ddpm-minsnr": "the previous default (epsilon DDPM, min-SNR 5, DDIM 25)"}
+    cells: dict[tuple, dict] = {}
+    for r in q["rows"]:
+        if r["recipe"] in names and r["split"] in ("test", "new_test"):
+            cells.setdefault((r["steps"], list(names).index(r["recipe"])), {})[r["split"]] = r
+    for (steps, i), c in sorted(cells.items()):
+        out.append(
+            [
+                f"{list(names.values())[i]}, exactly {steps:,} steps",
+                f"{steps:,} steps of batch {q['batch_size']}",
+                *[acc(c[s]["mean"], c[s].get("spread")) if s in c else "not run" for s in ("test", "new_test")],
+            ]
+        )
+    seeds = sorted({len(r["seeds"]) for r in q["rows"]} | {v[2] for v in acc_mj.values()})
+    cond = sorted({r.get("conditions") for r in q["rows"] if r["split"] in ("test", "new_test")} - {None})
+    note = (
+        f"{SPREAD} Seeds: {' or '.join(map(str, seeds))}; conditions per split: "
+        f"{' or '.join(map(str, cond)) or NOT_RECORDED}."
+    )
+    return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([by["main_job.json"], (qp, q)], note)
+
+
+def sampler_agreement(files, opts):
+    """benchmarks/sampler_agreement.py: every sampler of a model, a long reference, fp32, and a guidance curve."""
+    path, d = files[0]
+    rows = []
+    entries = [(s, "") for s in d.get("samplers", [])]
+    entries += [(d["reference"], " (long stochastic reference)")] if d.get("reference") else []
+    entries += [(d["fp32"], "")] if d.get("fp32") else []
+    for s, note in entries:
+        nfe = NFE.get(s["name"], lambda n: n)(s["steps"])
+        rows.append(
+            [
+                f"`{s['name']}`{note}",
+                f"{s['steps']} ({nfe})",
+                f"{s['guidance']:g}",
+                s["precision"],
+                acc(s["accuracy"], s.get("spread")),
+                str(len(s.get("seeds", []))),
+                num(s.get("seconds_per_image"), 2),
+            ]
+        )
+    lines = table(
+        ["sampler", "steps (network evaluations)", "guidance", "precision", "accuracy", "seeds", "s/image (1 thread)"],
+        rows,
+        {1, 2, 4, 5, 6},
+    )
+    if d.get("guidance_curve"):
+        g = d["guidance_curve"]
+        lines += [
+            "",
+            *table(
+                ["guidance", *[f"{s['guidance']:g}" for s in g]],
+                [
+                    ["accuracy", *[acc(s["accuracy"], s.get("spread")) for s in g]],
+                    ["seeds", *[str(len(s.get("seeds", []))) for s in g]],
+                ],
+                set(range(1, len(g) + 1)),
+            ),
+        ]
+    model = f"Model: `{d.get('model_dir', d.get('model', NOT_RECORDED))}`. Accuracy: test + new_test pooled."
+    return lines + footer(files, model, SPREAD)
+
+
+def train_speed(files, opts):
+    path, d = files[0]
+    rows = [
+        [r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['images_per_s']:.1f}", f"{r.get('speedup_vs_first', 0):.1f}"]
+        for r in d["rows"]
+    ]
+    note = (
+        f"Batch {d.get('batch_size')}, {d.get('image_size')}x{d.get('image_size')}, {d.get('rounds')} rounds of "
+        f"{d.get('seconds_per_variant_per_round')} s per variant; {d.get('method', '')}."
+    )
+    return table(["variant", "params", "images/s", "x the first row"], rows, {1, 2, 3}) + footer(files, note)
+
+
+def render_speed(files, opts):
+    path, d = files[0]
+    rows = [[r["what"], num(r["images"]), f"{r['seconds']:.2f}", f"{r['images_per_s']:.0f}"] for r in d["results"]]
+    load = (d.get("machine") or {}).get("load_avg_1min")
+    note = f"1-minute load average when it ran: {load if load is not None else NOT_RECORDED}."
+    return table(["what", "images", "seconds", "images/s"], rows, {1, 2, 3}) + footer(files, note)
+
+
+def evaluator_speed(files, opts):
+    variants = list(dict.fromkeys(r["variant"] for _, d in files for r in d["speed"]))
+    rows = []
+    for _, d in files:
+        by = {r["variant"]: r for r in d["speed"]}
+        threads = (d.get("machine") or {}).get("torch_threads", NOT_RECORDED)
+        rows.append([str(threads), *[f"{by[v]['median']:.0f}" if v in by else "-" for v in variants]])
+    return table(["threads", *variants], rows, set(range(1, len(variants) + 1))) + footer(
+        files, "Training images/s, median of interleaved rounds."
+    )
+
+
+def _evaluators(data: dict) -> list[dict]:
+    """The evaluators a results file describes, whatever its shape: benchmarks/evaluator.py's current
+    `evaluators` dict, its older {card, heldout}, or a bare card file."""
+    m = machine_of(data)
+    where = {"cpu": m.get("cpu"), "threads": m.get("torch_threads")}
+    if "evaluators" in data:
+        return [
+            {
+                "arch": arch,
+                **where,
+                **e.get("card", {}),
+                **{k: v for k, v in e.items() if v is not None},
+                "heldout": e.get("heldout", {}),
+            }
+            for arch, e in data["evaluators"].items()
+        ]
+    card = data.get("card", {})
+    return [{"arch": card.get("arch", "resnet18"), **where, **card, "heldout": data.get("heldout", {})}]
+
+
+def evaluator(files, opts):
+    """The own evaluators' accuracy and cost: one column per evaluator (of every file named)."""
+    evs = [(path, e) for path, d in files for e in _evaluators(d)]
+
+    def held(e):
+        h = e["heldout"]
+        pct = e.get("heldout_accuracy")
+        pct = pct if isinstance(pct, float) and pct > 1 else 100 * (pct if pct is not None else h.get("accuracy", 0))
+        hits = f" ({h['hits']:,}/{h['labels']:,} labels)" if "hits" in h else ""
+        return f"**{pct:.2f}%**{hits}"
+
+    def shape(e):
+        s = e["heldout"].get("per_shape") or e.get("heldout_per_shape")
+        return ", ".join(f"{k} {100 * v:.1f}" for k, v in s.items()) if s else None
+
+    def precision(e):
+        t = e.get("precision_timing")
+        return (
+            (
+                f"{e.get('precision')} (start-up timing: fp32 {t['fp32_images_per_s']:.0f}, bf16 "
+                f"{t['bf16_images_per_s']:.0f} images/s)"
+            )
+            if t
+            else e.get("precision")
+        )
+
+    def seconds(e):
+        s = e.get("first_use_s", e.get("seconds"))
+        ips = e.get("images_per_s")
+        return None if s is None else f"{s:.1f} s" + (f" ({ips:.0f} images/s)" if ips else "")
+
+    def smaller(e):
+        s = e["heldout"].get("accuracy_from_smaller_images")
+        return ", ".join(f"{k}x{k} {100 * v:.1f}%" for k, v in s.items()) if s else None
+
+    what = [
+        ("parameters", lambda e: num(e["parameters"]) if e.get("parameters") else None),
+        ("GFLOP per image, forward", lambda e: e.get("gflop_per_image")),
+        ("held-out accuracy", held),
+        ("accuracy after each epoch, %", lambda e: " / ".join(f"{100 * a:.1f}" for a in e.get("heldout_curve", []))),
+        ("per shape, %", shape),
+        ("held-out images downscaled and upscaled back", smaller),
+        ("epochs, batch, lr", lambda e: f"{e.get('epochs')}, {e.get('batch_size')}, {e.get('lr')}"),
+        ("precision", precision),
+        ("training (first use) time", seconds),
+        ("training compute, GFLOP", lambda e: e.get("first_use_gflop", e.get("gflop_total"))),
+        ("CPU, threads", lambda e: f"{e.get('cpu') or NOT_RECORDED}, {e.get('threads') or NOT_RECORDED}"),
+    ]
+    rows = [[w, *[str(v) if (v := f(e)) not in (None, "") else "-" for _, e in evs]] for w, f in what]
+    rows = [r for r in rows if any(c != "-" for c in r[1:])]
+    lines = table(["what", *[f"{e['arch']} (`{Path(p).name}`)" for p, e in evs]], rows)
+    for _, d in files:
+        g = d.get("generated")
+        if g:
+            lines += [
+                "",
+                f"On {g['images']} generated images (`{g.get('source')}`): "
+                + ", ".join(f"{k} {v:.2f}%" for k, v in g["accuracy"].items())
+                + f"; {g['difference_points']:.2f} points apart; the same hits on "
+                f"{100 * g['images_scored_alike']:.0f}% of the images.",
+            ]
+    return lines + footer(files, "Held-out: the renderer's heldout.json, rendered images never trained on.")
+
+
+def slow_cpu(files, opts):
+    """benchmarks/slow_cpu.py: each step of the newcomer's path natively and as an AVX2-only CPU."""
+    (_, d), rows = files[0], []
+    speeds = d["training_images_per_s"]
+    for key, row in speeds.items():
+        rows.append([f"training images/s: {key}", f"{row['images_per_s']:.1f}",
+                     f"{'bf16' if row['bf16'] else 'fp32'}, torch kernels {row['cpu_capability']}"])
+    rows.append(["rendering the built-in set (`make-data`): native / simulated",
+                 f"{minutes(d['render_s']['native'])} / {minutes(d['render_s']['simulated'])}", "wall clock"])
+    for mode, r in d.get("evaluate_first_use", {}).items():
+        cells = ", ".join(f"{split} {a:.1f}%" for split, a in r["accuracy"].items())
+        rows.append([f"first `evaluate` ({mode}): in all / of it sampling", f"{minutes(r['seconds'])} / "
+                     f"{minutes(r['sampling_seconds'])}", f"1 seed: {cells}"])
+    sim = ", ".join(f"{k}={v}" for k, v in d["simulation"].items())
+    return table(["what", "figure", "note"], rows, {1}) + footer(
+        files, f"Simulated = every step in a child process with {sim}. Wall clock on the machine named below.")
