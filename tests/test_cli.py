@@ -13,7 +13,8 @@ runner = CliRunner()
 def test_help_lists_every_subcommand():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("train", "sample", "evaluate", "compare-timesteps", "make-data", "train-evaluator", "labels"):
+    for cmd in ("train", "sample", "evaluate", "compare-timesteps", "make-data", "train-evaluator", "export-unet",
+                "labels"):
         assert cmd in result.output
 
 

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from iclevr_diffusion.cli import app
 from iclevr_diffusion.config import CHOICES, PRESETS, SPLITS
+from iclevr_diffusion.evaluator.archs import ARCHS
 
 runner = CliRunner()
 
@@ -35,6 +36,7 @@ def flat(text: str) -> str:
         (["evaluate", "--split", "tset"], SPLITS),
         (["train", "-c", "defualt", "--dry-run"], PRESETS),
         (["compare-timesteps", "--config", "no/such.yaml", "--dry-run"], PRESETS),
+        (["train-evaluator", "--arch", "resnet50"], ARCHS),
     ],
 )
 def test_a_bad_fixed_choice_is_a_usage_error_listing_the_choices(argv, listed):
@@ -49,6 +51,7 @@ def test_a_bad_fixed_choice_is_a_usage_error_listing_the_choices(argv, listed):
     ("sample", "<" + "|".join(CHOICES["sample.sampler"]) + ">"),
     ("evaluate", "<list[" + "|".join(SPLITS) + "]>"),
     ("train", "(" + ",".join(PRESETS) + ")"),
+    ("train-evaluator", "<" + "|".join(ARCHS) + ">"),
 ])
 def test_help_lists_the_choices(command, listing):
     result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "300"})  # wide enough not to wrap a cell

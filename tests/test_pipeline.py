@@ -255,3 +255,15 @@ def test_resolve_sampling_defaults_and_limits(pipe):
         resolve_sampling(cfg, pipe, "euler")
     with pytest.raises(IclevrError, match="guidance"):
         resolve_sampling(cfg, pipe, "ddim", 10, -1.0)
+
+
+@pytest.mark.parametrize("sampler,steps,guidance", [("euler", 5, 1.0), ("ddim", 1001, 1.0), ("ddim", 0, 1.0),
+                                                    ("ddim", 5, -1.0)])
+def test_the_commands_and_the_pipeline_check_a_sampling_request_by_one_route(pipe, sampler, steps, guidance):
+    """One check (samplers.check_sampling) for the sampler name, steps and guidance: the commands'
+    early check (resolve_sampling, before any work) and the pipeline's own refuse with the same words."""
+    with pytest.raises(IclevrError) as early:
+        resolve_sampling(tiny_config(), pipe, sampler, steps, guidance)
+    with pytest.raises(IclevrError) as in_pipe:
+        pipe(["red cube"], steps, guidance, sampler=sampler, output_type="pt")
+    assert str(early.value) == str(in_pipe.value)

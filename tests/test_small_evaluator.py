@@ -236,8 +236,8 @@ def test_train_evaluator_cli_arch_choice(builtin_cache):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["arch"] == RESNET18
     assert set(torch.load(root / "evaluator" / "checkpoint.pth", weights_only=True)) == {"model"}
-    bad = runner.invoke(app, ["train-evaluator", "--arch", "vgg", "--force"])
-    assert bad.exit_code == 1 and "Unknown evaluator architecture 'vgg'" in bad.output
+    bad = runner.invoke(app, ["train-evaluator", "--arch", "vgg", "--force"])  # a click choice: a usage error
+    assert bad.exit_code == 2 and "'vgg'" in bad.output and RESNET18 in bad.output and SMALL_CNN in bad.output
 
 
 def test_plain_progress_lines_and_wide_tables():

@@ -19,6 +19,7 @@ import typer
 from iclevr_diffusion import __version__
 from iclevr_diffusion.config import CHOICES, PRESETS, SAMPLERS_BY_FORMULATION, SPLITS
 from iclevr_diffusion.errors import IclevrError
+from iclevr_diffusion.evaluator.archs import ARCHS
 
 app = typer.Typer(
     name="iclevr-diff",
@@ -85,6 +86,7 @@ def root(
 # The names live in config.py (one home); an Enum is how typer spells a choice.
 SamplerName = Enum("SamplerName", {n: n for n in CHOICES["sample.sampler"]}, type=str)
 SplitName = Enum("SplitName", {n: n for n in SPLITS}, type=str)
+ArchName = Enum("ArchName", {n: n for n in ARCHS}, type=str)
 
 
 def _config_choice(value: str | None) -> str | None:
@@ -345,7 +347,7 @@ def train_evaluator(
     batch_size: BatchOpt = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default: the architecture's).")] = None,
     arch: Annotated[
-        str | None,
+        ArchName | None,
         typer.Option("--arch", help="small-cnn (default for the built-in synthetic data: minutes on a CPU) or "
                      "resnet18 (the course's architecture; default for --data)."),
     ] = None,
@@ -360,8 +362,23 @@ def train_evaluator(
 
     workflow.run(
         data=data, images=images, out=out, epochs=epochs, batch_size=batch_size, device=device, seed=seed,
-        force=force, as_json=json_, quiet=quiet, arch=arch, lr=lr,
+        force=force, as_json=json_, quiet=quiet, arch=_value(arch), lr=lr,
     )
+
+
+@app.command("export-unet")
+@friendly_errors
+def export_unet(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write unet/ and label_projection.* into.")],
+    model: ModelOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT/unet.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Write a model (e.g. the seed preset's) as a plain diffusers UNet2DModel folder + the label projection."""
+    from iclevr_diffusion.workflows import export_unet as workflow
+
+    workflow.run(model=model, runs_dir=runs_dir, out=out, force=force, as_json=json_)
 
 
 @app.command()

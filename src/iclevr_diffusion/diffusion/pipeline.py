@@ -33,7 +33,7 @@ from iclevr_diffusion.config import SampleConfig
 # ConditionalUNet) only from modules already imported; importing it here means importing the
 # pipeline is all a user needs before from_pretrained.
 from iclevr_diffusion.diffusion.model import ConditionalUNet  # noqa: F401
-from iclevr_diffusion.diffusion.samplers import check_steps, make_sampler, samplers_for, with_sampling_settings
+from iclevr_diffusion.diffusion.samplers import check_sampling, make_sampler, samplers_for, with_sampling_settings
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.io import usual_permissions, write_json, write_text
 from iclevr_diffusion.labels import MAX_OBJECTS, multi_hot_batch, parse_labels
@@ -169,10 +169,9 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         swapped = self.scheduler is not self._noise_scheduler
         sampler_name, steps, guidance_scale = self.sampling_defaults(sampler, num_inference_steps, guidance_scale)
         own = self.scheduler
-        scheduler = own if (sampler is None and swapped) else make_sampler(sampler_name, own)
-        check_steps(steps, own)
-        if guidance_scale < 0:
-            raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance_scale}.")
+        as_it_is = sampler is None and swapped  # diffusers' way: the scheduler put in place runs as it is
+        check_sampling(None if as_it_is else sampler_name, steps, guidance_scale, own)  # the one check
+        scheduler = own if as_it_is else make_sampler(sampler_name, own)
         device = self.unet.device
         if autocast is None:
             autocast = sampling_autocast(device)

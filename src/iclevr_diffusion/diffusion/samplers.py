@@ -47,10 +47,7 @@ def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
     """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule."""
     from iclevr_diffusion.diffusion.edm import is_edm, make_edm_sampler
 
-    offered = samplers_for(train_scheduler)
-    if name not in offered:
-        kind = "EDM" if is_edm(train_scheduler) else "DDPM"
-        raise IclevrError(f"Unknown sampler '{name}' for this {kind} model; choose one of: {', '.join(offered)}.")
+    check_sampler_name(name, train_scheduler)
     if is_edm(train_scheduler):
         return make_edm_sampler(name, train_scheduler)
     config = train_scheduler.config
@@ -90,6 +87,28 @@ def with_sampling_settings(train_scheduler: SchedulerMixin) -> SchedulerMixin:
     if type(train_scheduler) is not DDPMScheduler or train_scheduler.config.timestep_spacing == TIMESTEP_SPACING:
         return train_scheduler
     return DDPMScheduler.from_config(train_scheduler.config, timestep_spacing=TIMESTEP_SPACING)
+
+
+def check_sampler_name(name: str, train_scheduler: SchedulerMixin) -> str:
+    """`name` if the model's noise schedule offers that sampler, else IclevrError listing those it offers."""
+    from iclevr_diffusion.diffusion.edm import is_edm
+
+    offered = samplers_for(train_scheduler)
+    if name not in offered:
+        kind = "EDM" if is_edm(train_scheduler) else "DDPM"
+        raise IclevrError(f"Unknown sampler '{name}' for this {kind} model; choose one of: {', '.join(offered)}.")
+    return name
+
+
+def check_sampling(name: str | None, steps: int, guidance_scale: float, train_scheduler: SchedulerMixin) -> None:
+    """The one check of a sampling request (sampler name, steps, guidance) against a model's noise schedule:
+    the pipeline runs it on every call, the commands before any work starts (sampling.resolve_sampling).
+    name None: a scheduler the caller put in place runs as it is, so there is no name to check."""
+    if name is not None:
+        check_sampler_name(name, train_scheduler)
+    check_steps(steps, train_scheduler)
+    if guidance_scale < 0:
+        raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance_scale}.")
 
 
 def check_steps(steps: int, train_scheduler: SchedulerMixin) -> int:

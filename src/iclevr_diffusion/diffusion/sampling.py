@@ -17,7 +17,7 @@ from iclevr_diffusion.config import read_yaml as read_config_yaml
 from iclevr_diffusion.devices import resolve_device
 from iclevr_diffusion.diffusion.pipeline import ConditionalDDPMPipeline, labels_to_tensor, preferred_sampler
 from iclevr_diffusion.diffusion.pipeline import default_steps as pipeline_default_steps
-from iclevr_diffusion.diffusion.samplers import check_steps, samplers_for, unreliable_sampler_message
+from iclevr_diffusion.diffusion.samplers import check_sampler_name, check_sampling, unreliable_sampler_message
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.run_folder import (
     MODEL_DIR as MODEL_DIR,  # re-exported: used by callers before run_folder
@@ -87,17 +87,12 @@ def resolve_sampling(
     full chain, and the config's step count is meant for the fast solvers (see default_steps). Warns
     (one line) when the sampler is likely to fail on this model (see samplers.unreliable_sampler_message).
     """
-    offered = samplers_for(pipe.scheduler)
-    configured = preferred_sampler(cfg.sample.sampler, pipe.scheduler)
-    sampler = sampler or configured
-    if sampler not in offered:
-        raise IclevrError(f"Unknown sampler '{sampler}' for this model; choose one of: {', '.join(offered)}.")
+    sampler = sampler or preferred_sampler(cfg.sample.sampler, pipe.scheduler)
+    check_sampler_name(sampler, pipe.scheduler)
     if steps is None:
         steps = default_steps(sampler, cfg, pipe.scheduler)
-    check_steps(steps, pipe.scheduler)
     guidance = cfg.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
-    if guidance < 0:
-        raise IclevrError(f"--guidance-scale must be 0 or more (1 = off), got {guidance}.")
+    check_sampling(sampler, steps, guidance, pipe.scheduler)  # the pipeline's own check, before any work
     message = unreliable_sampler_message(sampler, pipe.unet, pipe.scheduler)
     if message:
         warnings.warn(message, stacklevel=2)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from iclevr_diffusion.errors import IclevrError
+from iclevr_diffusion.evaluator.archs import ARCH_DESCRIPTIONS, ARCH_NAMES, ARCHS, RESNET18, SMALL_CNN  # noqa: F401 (re-exported; archs.py has no torch, so the CLI lists them)
 from iclevr_diffusion.labels import NUM_CLASSES
 
 IMAGE_SIZE = 64
@@ -31,16 +32,6 @@ OFFICIAL_NAME = "checkpoint.pth"  # the course's file name, looked for in the da
 OWN_DIR = "evaluator"  # our own evaluator of a dataset lives in DATA_ROOT/evaluator/
 CARD_NAME = "card.json"  # what our own evaluator was trained on and how well it scores
 
-
-RESNET18 = "resnet18"  # the course's architecture (official checkpoint format)
-SMALL_CNN = "small-cnn"  # the toolkit's small network for the built-in synthetic data
-ARCHS = (RESNET18, SMALL_CNN)
-ARCH_NAMES = {RESNET18: "ResNet18", SMALL_CNN: "small CNN"}  # how reports name them
-ARCH_DESCRIPTIONS = {
-    RESNET18: "torchvision resnet18, random init, fc = Sequential(Linear(512, 24), Sigmoid())",
-    SMALL_CNN: "small CNN: conv3x3 stride 2 x3 (3-16-32-64), conv3x3 64-128, conv1x1 128-256 (each with "
-    "BatchNorm, ReLU), global max pool, fc = Sequential(Linear(256, 24), Sigmoid())",
-}
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
