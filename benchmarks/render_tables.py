@@ -353,8 +353,20 @@ def evaluator(files, opts):
 
     def seconds(e):
         s = e.get("first_use_s", e.get("seconds"))
+        if s is not None and e.get("first_use") == "installing the shipped network":
+            return f"{s:.1f} s: installing the shipped network (checks the held-out images)"
         ips = e.get("images_per_s")
-        return None if s is None else f"{s:.1f} s" + (f" ({ips:.0f} images/s)" if ips else "")
+        return None if s is None else f"{s:.1f} s: training" + (f" ({ips:.0f} images/s)" if ips else "")
+
+    def compute(e):
+        g = e.get("first_use_gflop", e.get("gflop_total"))
+        if g is not None and e.get("first_use") == "installing the shipped network":
+            return f"{g}: one forward pass per held-out image"
+        return g
+
+    def once(e):
+        t = e.get("training_once")
+        return f"{t['seconds']} s, {t['gflop_total']} GFLOP ({t['cpu']}, {t['threads']} thread)" if t else None
 
     def smaller(e):
         s = e["heldout"].get("accuracy_from_smaller_images")
@@ -369,8 +381,9 @@ def evaluator(files, opts):
         ("held-out images downscaled and upscaled back", smaller),
         ("epochs, batch, lr", lambda e: f"{e.get('epochs')}, {e.get('batch_size')}, {e.get('lr')}"),
         ("precision", precision),
-        ("training (first use) time", seconds),
-        ("training compute, GFLOP", lambda e: e.get("first_use_gflop", e.get("gflop_total"))),
+        ("first use (`evaluate` with no evaluator cached), time", seconds),
+        ("first use, compute (GFLOP)", compute),
+        ("the shipped network's one-time training", once),
         ("CPU, threads", lambda e: f"{e.get('cpu') or NOT_RECORDED}, {e.get('threads') or NOT_RECORDED}"),
     ]
     rows = [[w, *[str(v) if (v := f(e)) not in (None, "") else "-" for _, e in evs]] for w, f in what]
