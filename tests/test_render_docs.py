@@ -153,8 +153,10 @@ def test_evaluator_table_reads_the_current_results_shape():
     data = {
         "machine": MACHINE,
         "evaluators": {
-            "small-cnn": summary,
-            "resnet18": {**summary, "heldout_accuracy": 99.28, "parameters": 11189336},
+            "small-cnn": {**summary, "first_use": "installing the shipped network", "first_use_s": 6.5,
+                          "first_use_gflop": 17.3, "training_once": {"seconds": 390.4, "gflop_total": 8347.3,
+                                                                     "cpu": "Intel Xeon", "threads": 1}},
+            "resnet18": {**summary, "heldout_accuracy": 99.28, "parameters": 11189336, "first_use": "training"},
         },
         "generated": {
             "images": 64,
@@ -168,7 +170,10 @@ def test_evaluator_table_reads_the_current_results_shape():
     assert lines[0] == "| what | small-cnn (`evaluator.json`) | resnet18 (`evaluator.json`) |"
     assert "| held-out accuracy | **99.11%** (1,784/1,800 labels) | **99.28%** (1,784/1,800 labels) |" in lines
     assert "| parameters | 137,128 | 11,189,336 |" in lines
-    assert "| training (first use) time | 118.5 s | 118.5 s |" in lines
+    assert ("| first use (`evaluate` with no evaluator cached), time | 6.5 s: installing the shipped network "
+            "(checks the held-out images) | 118.5 s: training |") in lines
+    assert "| first use, compute (GFLOP) | 17.3: one forward pass per held-out image | 8347.3 |" in lines
+    assert "| the shipped network's one-time training | 390.4 s, 8347.3 GFLOP (Intel Xeon, 1 thread) | - |" in lines
     assert any(line.startswith("On 64 generated images") and "1.50 points apart" in line for line in lines)
 
 
