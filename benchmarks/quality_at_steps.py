@@ -6,7 +6,8 @@
     python benchmarks/quality_at_steps.py --smoke                           # tiny model and data, seconds
 
 Each recipe is the `default` preset with a few overrides (RECIPES below; "default" is the preset as
-shipped). For every step count it trains its own run of exactly that many optimizer steps of batch 16
+shipped). For every step count it trains its own run of exactly that many optimizer steps (batch 16
+unless the recipe says otherwise)
 on the built-in synthetic data (train.max_steps, no time budget, so the learning rate anneals at that
 step as it would in a run of that length; runs/quality-at-steps/<recipe>-<steps>/, resumed if there),
 then samples every condition of each split with the recipe's own sampler, steps and guidance for
@@ -57,6 +58,9 @@ RECIPES: dict[str, list[str]] = {
     # capacity on the default recipe: a second resnet layer per level (1.7x the time per step), or
     # 1.5x the width (1.9x the time per step)
     "default-lpb2": ["model.layers_per_block=2"],
+    # the same 18,400 training images as 1,150 steps of batch 16, in larger or smaller batches
+    "default-b32": ["train.batch_size=32"],
+    "default-b8": ["train.batch_size=8"],
     "default-w48": ["model.block_out_channels=[48,96,192]", "model.norm_num_groups=16", "model.attention_head_dim=48"],
 }
 
@@ -159,6 +163,12 @@ def is_shipped_default(recipe: str) -> bool:
     return is_default_recipe(load_config("default", RECIPES[recipe]))
 
 
+def _batch_size(recipes) -> int | None:
+    """The recipes' batch size (16 unless a recipe sets train.batch_size); None when they differ."""
+    sizes = {load_config("default", RECIPES[r]).train.batch_size for r in recipes}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe) -> dict:
     for row in rows:  # label by what the recipe is today: the shipped default or not
         row["recipe_name"] = row.get("recipe_name", row["recipe"])
@@ -169,7 +179,7 @@ def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pi
         "machine": machine(str(pipe.unet.device)),
         "recipes": {r: RECIPES[r] for r in dict.fromkeys([*(t["recipe"] for t in trained), *recipes])},
         "steps": sorted({t["steps"] for t in trained} | set(steps_list)),
-        "batch_size": 16,
+        "batch_size": _batch_size(recipes),
         "splits": list(dict.fromkeys([*(r["split"] for r in rows), *splits])),
         "seeds": args.seeds,
         "spread": "population standard deviation over seeds, percentage points",
