@@ -51,7 +51,12 @@ from iclevr_diffusion.evaluator.metric import (  # noqa: E402
     read_card,
     score_images,
 )
-from iclevr_diffusion.evaluator.training import HELDOUT_FILE, load_labelled, train_evaluator  # noqa: E402
+from iclevr_diffusion.evaluator.training import (  # noqa: E402
+    HELDOUT_FILE,
+    load_labelled,
+    pixels_to_float,
+    train_evaluator,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -101,7 +106,7 @@ def rescore(root: Path, checkpoint: Path) -> dict:
     """
     _, pics, targets = load_labelled(root, HELDOUT_FILE)
     net = load_evaluator(checkpoint)
-    images = pics.float() / 127.5 - 1
+    images = pixels_to_float(pics)
     start = time.perf_counter()
     score = score_images(net, images, targets)
     seconds = round(time.perf_counter() - start, 2)
@@ -183,11 +188,11 @@ def install_shipped_fresh(root: Path) -> tuple[dict, bool]:
         seconds = time.perf_counter() - start
     if card is None:
         sys.exit("error: the shipped evaluator does not fit this data or scores below the bar (evaluator_shipped.py)")
-    _, packaged = shipped_evaluator()
+    checkpoint, packaged = shipped_evaluator()
     held = card["heldout_images"]
     return {**card, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
             "gflop_total": round(flops_per_image(SMALL_CNN) * held / 1e9, 1),  # one forward per held-out image
-            "cpu": machine()["cpu"], "checkpoint": str(shipped_evaluator()[0]),
+            "cpu": machine()["cpu"], "checkpoint": str(checkpoint),
             "training_once": {k: packaged.get(k) for k in ("seconds", "gflop_total", "epochs", "cpu", "threads",
                                                            "precision", "date")}}, True
 
@@ -385,7 +390,7 @@ def main() -> None:
             _, pics, targets = load_labelled(root, "train.json")
 
             conds = [[LABELS[i] for i in t.nonzero().flatten().tolist()] for t in targets[:16]]
-            sets, source = [("smoke", pics[:16].float() / 127.5 - 1, conds)], {"source": "tiny rendered set (smoke)"}
+            sets, source = [("smoke", pixels_to_float(pics[:16]), conds)], {"source": "tiny rendered set (smoke)"}
         if sets is not None:
             agree = agreement(nets, sets, source)
             result["generated"] = agree

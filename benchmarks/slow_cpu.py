@@ -129,8 +129,12 @@ def evaluate_first_use(model: Path, data_root: Path, simulated: bool, smoke: boo
         mirror = cache / data_root.name
         mirror.mkdir(parents=True)
         for f in data_root.iterdir():  # the rendered set without its evaluator/
-            if f.name != "evaluator":
-                (mirror / f.name).symlink_to(f.resolve()) if f.is_dir() else shutil.copyfile(f, mirror / f.name)
+            if f.name == "evaluator":
+                continue
+            if f.is_dir():
+                (mirror / f.name).symlink_to(f.resolve())
+            else:
+                shutil.copyfile(f, mirror / f.name)
         args = [sys.executable, "-m", "iclevr_diffusion", "evaluate", "--model", str(model), "--json", "--quiet",
                 *(["--steps", "2"] if smoke else [])]
         seconds, out = run_child(args, simulated, cache)

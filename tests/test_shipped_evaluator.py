@@ -15,7 +15,7 @@ from iclevr_diffusion.evaluator import training as evaluator_training
 from iclevr_diffusion.evaluator.choice import ensure_evaluator
 from iclevr_diffusion.evaluator.metric import SMALL_CNN, build_evaluator, load_evaluator, save_checkpoint, score_images
 from iclevr_diffusion.evaluator.shipped import SHIPPED_MIN_ACCURACY, install_shipped, shipped_evaluator
-from iclevr_diffusion.evaluator.training import _to_float, cached_card, fingerprint, load_labelled
+from iclevr_diffusion.evaluator.training import cached_card, fingerprint, load_labelled, pixels_to_float
 from iclevr_diffusion.io import write_json
 
 HELDOUT_SCENES = 40  # the built-in set's first 40 held-out scenes: 120 images, 240 labels
@@ -50,7 +50,7 @@ def test_shipped_weights_recognise_freshly_rendered_scenes(tmp_path):
     root = _heldout_only(tmp_path / "data")
     _, pics, targets = load_labelled(root, "heldout.json")
     checkpoint, _ = shipped_evaluator()
-    held = score_images(load_evaluator(checkpoint), _to_float(pics), targets)
+    held = score_images(load_evaluator(checkpoint), pixels_to_float(pics), targets)
     assert held.accuracy >= SHIPPED_MIN_ACCURACY, held.accuracy
 
 

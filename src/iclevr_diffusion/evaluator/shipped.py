@@ -24,7 +24,7 @@ from pathlib import Path
 
 from iclevr_diffusion.evaluator.metric import score_images
 from iclevr_diffusion.evaluator.networks import CARD_NAME, load_evaluator, own_evaluator_path
-from iclevr_diffusion.evaluator.training import HELDOUT_FILE, Progress, _to_float, fingerprint, load_labelled
+from iclevr_diffusion.evaluator.training import HELDOUT_FILE, Progress, fingerprint, load_labelled, pixels_to_float
 from iclevr_diffusion.io import atomic_path, write_json
 from iclevr_diffusion.labels import packaged_file
 
@@ -61,7 +61,7 @@ def install_shipped(
     started = time.perf_counter()
     report("checking the shipped evaluator", 0, None)
     _, pics, targets = load_labelled(root, HELDOUT_FILE)
-    held = score_images(load_evaluator(checkpoint), _to_float(pics), targets)
+    held = score_images(load_evaluator(checkpoint), pixels_to_float(pics), targets)
     if held.accuracy < SHIPPED_MIN_ACCURACY:
         return None
     path = own_evaluator_path(root)

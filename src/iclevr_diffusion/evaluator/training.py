@@ -134,7 +134,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, noise: 
     return x
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
+def pixels_to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
@@ -238,7 +238,7 @@ def train_evaluator(
         for i in range(0, len(order), batch_size):
             tick = time.perf_counter()
             idx = order[i : i + batch_size]
-            x = augment(_to_float(pics[idx]), gen).to(device)
+            x = augment(pixels_to_float(pics[idx]), gen).to(device)
             y = targets[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = model(x)
@@ -259,7 +259,7 @@ def train_evaluator(
         # Scoring logits instead of sigmoids ranks the classes the same way.
         tick = time.perf_counter()
         model.eval()
-        curve.append(score_images(model, _to_float(held_pics), held_targets).accuracy)
+        curve.append(score_images(model, pixels_to_float(held_pics), held_targets).accuracy)
         model.train()
         score_seconds += time.perf_counter() - tick
         report("epoch done", epoch + 1, epochs, heldout_accuracy=curve[-1], loss=loss_ema,
@@ -268,7 +268,7 @@ def train_evaluator(
     model.eval()
 
     report("scoring held-out images", 0, None)
-    held = score_images(model, _to_float(held_pics), held_targets)
+    held = score_images(model, pixels_to_float(held_pics), held_targets)
     seconds = time.perf_counter() - started
     fwd_flops, train_flops = flops_per_image(arch), flops_per_image(arch, backward=True)
     # Compute spent: forward+backward of every training image, forward of the held-out images after
