@@ -44,24 +44,45 @@ RESULTS = HERE / "results"
 _DDPM = ["schedule.formulation=ddpm", "train.min_snr_gamma=5.0", "sample.sampler=ddim", "sample.steps=25",
          "sample.guidance_scale=3.0"]
 _EDM = ["schedule.formulation=edm", "train.min_snr_gamma=null", "sample.sampler=heun", "sample.steps=18",
-        "sample.guidance_scale=3.0"]
+        "sample.guidance_scale=3.0", "schedule.p_mean=-1.2", "schedule.p_std=1.2"]  # EDM's own noise levels
+# The default before its noise levels moved to N(-0.6, 0.9^2): the "default-..." recipes below vary it.
+_BEFORE = [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002"]
 RECIPES: dict[str, list[str]] = {
     "default": [],  # the shipped preset, whatever it is
     # the default until this change: epsilon DDPM, min-SNR 5, lr 1e-3, DDIM 25
     "ddpm-minsnr": [*_DDPM, "model.time_scale_shift=default", "train.lr=0.001"],
     "edm": [*_EDM, "model.time_scale_shift=default", "train.lr=0.001"],
     "edm-adagn": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.001"],
-    "edm-adagn-lr2e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002"],
+    "edm-adagn-lr2e-3": _BEFORE,  # the default before this release's noise levels
     "edm-adagn-lr4e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.004"],
     "edm-adagn-lr2e-3-p08": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002", "schedule.p_mean=-0.8",
                              "schedule.p_std=1.6"],
     # capacity on the default recipe: a second resnet layer per level (1.7x the time per step), or
     # 1.5x the width (1.9x the time per step)
-    "default-lpb2": ["model.layers_per_block=2"],
+    "default-lpb2": [*_BEFORE, "model.layers_per_block=2"],
     # the same 18,400 training images as 1,150 steps of batch 16, in larger or smaller batches
-    "default-b32": ["train.batch_size=32"],
-    "default-b8": ["train.batch_size=8"],
-    "default-w48": ["model.block_out_channels=[48,96,192]", "model.norm_num_groups=16", "model.attention_head_dim=48"],
+    "default-b32": [*_BEFORE, "train.batch_size=32"],
+    "default-b8": [*_BEFORE, "train.batch_size=8"],
+    # cross-attention to one token per class (model.py): at 8x8 (1.2x the time per step), or at 16x16 and
+    # 8x8 (1.7x)
+    "default-xattn8": [*_BEFORE, "model.cross_attention=[false,false,true]"],
+    "default-xattn16": [*_BEFORE, "model.cross_attention=[false,true,true]"],
+    # AdamW's second-moment decay 0.99 (EDM2's) instead of 0.999: a shorter memory of early gradients
+    "default-beta099": [*_BEFORE, "train.adam_beta2=0.99"],
+    # training noise levels centred lower: EDM's P_mean -1.2 assumes sigma_data 0.5, ours is about 0.2;
+    # -2.1 = -1.2 + ln(0.2 / 0.5)
+    "default-pm21": [*_BEFORE, "schedule.p_mean=-2.1"],
+    # ... and centred higher
+    "default-pm06": [*_BEFORE, "schedule.p_mean=-0.6"],
+    "default-pm0": [*_BEFORE, "schedule.p_mean=0.0"],
+    "default-pm06-s09": [*_BEFORE, "schedule.p_mean=-0.6", "schedule.p_std=0.9"],  # the default since
+    "default-pm06-s06": [*_BEFORE, "schedule.p_mean=-0.6", "schedule.p_std=0.6"],
+    # 4x4 pixel patches and twice the channels: the UNet runs at 16x16, about the same time per step
+    "default-p4w": [*_BEFORE, "model.patch_size=4", "model.block_out_channels=[64,128,256]"],
+    # self-conditioning (model.py): the network also sees its previous clean estimate
+    "default-selfcond": [*_BEFORE, "model.self_condition=true"],
+    "default-w48": [*_BEFORE, "model.block_out_channels=[48,96,192]", "model.norm_num_groups=16",
+                    "model.attention_head_dim=48"],
 }
 
 

@@ -15,20 +15,32 @@ SPREAD = "Spread: population standard deviation over seeds, in percentage points
 NOT_RECORDED = "not recorded"
 # What the recipes of benchmarks/quality_at_steps.py are, for the reader; an unknown one shows its name.
 RECIPES = {
-    "ddpm-minsnr": "previous default: epsilon DDPM, linear betas, min-SNR 5, lr 1e-3",
+    "ddpm-minsnr": "an earlier default: epsilon DDPM, linear betas, min-SNR 5, lr 1e-3",
     "edm": "EDM, lr 1e-3",
     "edm-adagn": "EDM + AdaGN, lr 1e-3",
     "edm-adagn-lr4e-3": "EDM + AdaGN, lr 4e-3",
     "edm-adagn-lr2e-3-p08": "EDM + AdaGN, lr 2e-3, EDM2's noise levels (P_mean -0.8, P_std 1.6)",
-    "edm-adagn-lr2e-3": "EDM + AdaGN, lr 2e-3",
-    "default-lpb2": "the default, 2 resnet layers per level (about 1.6x the time per step)",
-    "default-w48": "the default, 1.5x the width: 48/96/192 (about 1.6x the time per step)",
-    "default-b32": "the default with batch 32 (the same training images in half the steps)",
-    "default-b8": "the default with batch 8 (the same training images in twice the steps)",
+    "edm-adagn-lr2e-3": "EDM + AdaGN, lr 2e-3 (EDM's noise levels: the default before this release)",
+    "default-lpb2": "the previous default, 2 resnet layers per level (about 1.6x the time per step)",
+    "default-w48": "the previous default, 1.5x the width: 48/96/192 (about 1.6x the time per step)",
+    "default-b32": "the previous default with batch 32 (the same training images in half the steps)",
+    "default-b8": "the previous default with batch 8 (the same training images in twice the steps)",
+    "default-xattn8": "the previous default + cross-attention to one token per class at 8x8",
+    "default-xattn16": "the previous default + cross-attention to one token per class at 16x16 and 8x8",
+    "default-beta099": "the previous default with AdamW beta2 0.99 (EDM2's) instead of 0.999",
+    "default-pm21": "the previous default with P_mean -2.1 (EDM's -1.2 moved by ln(0.2 / 0.5) to our sigma_data)",
+    "default-pm06": "the previous default with P_mean -0.6 (more training at high noise levels)",
+    "default-pm0": "the previous default with P_mean 0",
+    "default-pm06-s09": "the previous default with P_mean -0.6, P_std 0.9 (the default since)",
+    "default-pm06-s06": "the previous default with P_mean -0.6, P_std 0.6",
+    "default-p4w": "the previous default on 4x4 patches, 64/128/256 channels (the UNet at 16x16)",
+    "default-selfcond": "the previous default + self-conditioning",
     "default": "**the default preset**",
-    "default-heun": "the default preset, sampled with Heun (its default)",
-    "default-dpm++sde": "the default preset, sampled with DPM-Solver++ SDE",
+    "default-heun": "the previous default preset, sampled with Heun (its default)",
+    "default-dpm++sde": "the previous default preset, sampled with DPM-Solver++ SDE",
 }
+# Earlier defaults, as the README's quality table names them.
+PREVIOUS = {"edm-adagn-lr2e-3": "EDM's noise levels, N(-1.2, 1.2^2)"}
 NFE = {"heun": lambda n: 2 * n - 1}  # network evaluations per sample; other samplers: one per step
 
 
@@ -201,16 +213,19 @@ def readme_quality(files, opts):
     mj_path, mj = by["main_job.json"]
     acc_mj = main_job_accuracy(mj)
     ips = mj.get("images_per_s_last")
+    # A main job of an earlier default names its recipe (quality_at_steps.py's name for that config).
+    earlier = f" of the previous default ({PREVIOUS[mj['recipe']]})" if mj.get("recipe", "default") != "default" else ""
     out.append(
         [
-            f"`iclevr-diff train` (the main job: {minutes(mj.get('train_wall_s'))} wall on a fresh cache, "
+            f"`iclevr-diff train`{earlier} (the main job: {minutes(mj.get('train_wall_s'))} wall on a fresh cache, "
             "rendering included)",
             f"{num(mj.get('steps'))} steps, {num(ips, 1)} images/s (last logged)",
             *[acc(*acc_mj[s][:2]) if s in acc_mj else "not run" for s in ("test", "new_test")],
         ]
     )
     qp, q = by["quality_at_steps.json"]
-    names = {"default": "the default preset", "ddpm-minsnr": "the previous default (epsilon DDPM, min-SNR 5, DDIM 25)"}
+    names = {"default": "the default preset", **{k: f"the previous default ({v})" for k, v in PREVIOUS.items()},
+             "ddpm-minsnr": "the DDPM default before that (epsilon, min-SNR 5, DDIM 25)"}
     cells: dict[tuple, dict] = {}
     for r in q["rows"]:
         if r["recipe"] in names and r["split"] in ("test", "new_test"):

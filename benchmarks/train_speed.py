@@ -63,6 +63,13 @@ def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
          True, False),
         ("default, middle attention only", preset("default", "model.attention=[false, false, false]"),
          True, False),
+        ("default + cross-attention at 8x8", preset("default", "model.cross_attention=[false, false, true]"),
+         True, False),
+        ("default + cross-attention at 16x16 and 8x8",
+         preset("default", "model.cross_attention=[false, true, true]"), True, False),
+        ("default + self-conditioning", preset("default", "model.self_condition=true"), True, False),
+        ("default on 4x4 patches, 64/128/256",
+         preset("default", "model.patch_size=4", "model.block_out_channels=[64, 128, 256]"), True, False),
         ("full preset (bf16)", preset("full"), True, False),
         (COMPILED, preset("default"), True, False),
     ]

@@ -61,7 +61,10 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ("sample.sampler=eulr", "choose one of: ddpm, ddim, dpm\\+\\+, unipc, heun, euler, dpm\\+\\+sde"),
         ("sample.sampler=ddim", "not a sampler of schedule.formulation=edm; choose one of: heun, euler"),
         ("model.attention=[true]", "one true/false per level"),
+        ("model.cross_attention=[true]", "model.cross_attention has 1 entries.*or \\[\\] for none"),
+        ("model.cross_attention=[true,true,false]", "leaves out a level with self-attention"),
         ("train.batch_size=0", "must be positive"),
+        ("train.adam_beta2=1", "train.adam_beta2' must be in \\(0, 1\\)"),
         ("noequals", "section.key=value"),
     ],
 )

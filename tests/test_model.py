@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from iclevr_diffusion.config import load_config
@@ -124,3 +124,51 @@ def test_patch_size_runs_the_unet_at_a_lower_resolution():
     assert not torch.allclose(model(y, torch.tensor([3, 7]), torch.zeros(2, 24))[..., 15, 15], out[..., 15, 15])
     with pytest.raises(ValueError, match="patch_size"):
         ConditionalUNet(sample_size=15, patch_size=2)
+
+
+def test_cross_attention_levels_attend_to_one_token_per_class():
+    cfg = load_config("default", [*TINY_MODEL, "model.attention=[false, true]", "model.cross_attention=[true, true]"])
+    model = ConditionalUNet.from_run_config(cfg)
+    c = model.unet.config
+    assert isinstance(model.unet, UNet2DConditionModel) and c.cross_attention_dim == 16
+    assert list(c.down_block_types) == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert list(c.up_block_types) == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    assert list(c.only_cross_attention) == [True, False]  # self-attention only where model.attention says
+    assert c.mid_block_type == "UNetMidBlock2DCrossAttn"
+    labels = torch.zeros(2, 24)
+    labels[0, [1, 7]] = 1
+    tokens = model.label_tokens(labels)
+    assert tokens.shape == (2, 24, 16)
+    # one token per class; asked-for classes differ from the same class not asked for
+    assert torch.equal(tokens[0, 2], tokens[1, 2]) and not torch.equal(tokens[0, 1], tokens[1, 1])
+
+
+def test_labels_reach_a_cross_attention_model_through_its_tokens(tmp_path):
+    torch.manual_seed(0)
+    cfg = load_config("default", [*TINY_MODEL, "model.cross_attention=[false, true]"])
+    model = ConditionalUNet.from_run_config(cfg).eval()
+    with torch.no_grad():  # cut the other path (the label embedding added to the time embedding)
+        model.label_proj.weight.zero_()
+        model.label_proj.bias.zero_()
+        # diffusers zero-initialises the attention output projections; give them weights to carry labels
+        for name, param in model.unet.named_parameters():
+            if "to_out" in name or "proj_out" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "unet")
+    again = ConditionalUNet.from_pretrained(tmp_path / "unet").eval()
+    assert again.config.cross_attention == [False, True]
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 40])
+    labels = torch.zeros(2, 24)
+    labels[0, 1] = labels[1, 5] = 1
+    with torch.no_grad():
+        out = model(x, t, labels)
+        assert torch.equal(out, again(x, t, labels))
+        assert not torch.allclose(out, model(x, t, torch.zeros_like(labels)))
+
+
+def test_a_model_without_cross_attention_has_no_label_tokens():
+    model = ConditionalUNet.from_run_config(load_config("default", TINY_MODEL))
+    assert isinstance(model.unet, UNet2DModel) and not hasattr(model, "label_tokens")
+    with pytest.raises(ValueError, match="every level with self-attention"):
+        ConditionalUNet(sample_size=16, block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
+                        attention_head_dim=8, cross_attention=(True, False))

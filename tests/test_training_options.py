@@ -182,3 +182,16 @@ def test_v_prediction_trains_on_the_velocity_and_exports_a_v_model(data_root, tm
     images = generate(pipe, [["red cube"]], "ddim", 2, 2.0, seed=0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert (tmp_path / "run" / "samples" / "step_000002.png").is_file()
+
+
+def test_adam_beta2_reaches_the_optimizer_and_changes_the_updates(data_root, tmp_path):
+    betas, finals = [], {}
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: betas.append(opt.param_groups[0]["betas"]))
+    try:
+        for beta2 in (0.99, 0.999):
+            train(tiny_cfg(data_root, "train.max_steps=3", f"train.adam_beta2={beta2}"), tmp_path / str(beta2))
+            finals[beta2] = final_weights(tmp_path / str(beta2))
+    finally:
+        hook.remove()
+    assert betas == [(0.9, 0.99)] * 3 + [(0.9, 0.999)] * 3
+    assert any(not torch.equal(a, b) for a, b in zip(finals[0.99].values(), finals[0.999].values()))

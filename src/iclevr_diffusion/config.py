@@ -52,6 +52,9 @@ class ModelConfig:
     patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
     time_scale_shift: str = "scale_shift"  # scale_shift (AdaGN) | default (add the time+label embedding)
     num_classes: int = 24  # length of the multi-hot label vector
+    # cross-attention to one token per class, per level (empty = none; model.py says why)
+    cross_attention: list[bool] = field(default_factory=list)
+    self_condition: bool = False  # edm: feed the network its previous clean-image estimate (model.py)
 
 
 @dataclass
@@ -63,8 +66,8 @@ class ScheduleConfig:
     beta_end: float = 0.02
     prediction_type: str = "epsilon"  # epsilon | v_prediction
     sigma_data: float | None = None  # edm: std of the training pixels; None = measured at the start of training
-    p_mean: float = -1.2  # edm: training noise levels ln(sigma) ~ N(p_mean, p_std^2)
-    p_std: float = 1.2
+    p_mean: float = -0.6  # edm: training noise levels ln(sigma) ~ N(p_mean, p_std^2) (EDM's: -1.2, 1.2)
+    p_std: float = 0.9
     sigma_min: float = 0.002  # edm: the sampling noise range (Karras sigmas, rho 7)
     sigma_max: float = 80.0
 
@@ -74,6 +77,7 @@ class TrainConfig:
     batch_size: int = 16  # images per optimizer step (across all processes)
     lr: float = 0.002  # peak AdamW learning rate
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (EDM2 uses 0.99)
     warmup_steps: int = 100  # linear warm-up before the cosine decay
     max_steps: int | None = None  # stop after this many optimizer steps ...
     epochs: int | None = None  # ... or after this many passes over the data ...

@@ -43,6 +43,16 @@ def validate(cfg: Config) -> Config:
             f"model.attention has {len(m.attention)} entries but model.block_out_channels has "
             f"{len(m.block_out_channels)}; give one true/false per level."
         )
+    if m.cross_attention and len(m.cross_attention) != len(m.block_out_channels):
+        raise IclevrError(
+            f"model.cross_attention has {len(m.cross_attention)} entries but model.block_out_channels has "
+            f"{len(m.block_out_channels)}; give one true/false per level, or [] for none."
+        )
+    if any(m.cross_attention) and any(a and not c for a, c in zip(m.attention, m.cross_attention)):
+        raise IclevrError(
+            f"model.cross_attention {m.cross_attention} leaves out a level with self-attention "
+            f"(model.attention {m.attention}); set it true at every level where model.attention is true."
+        )
     _validate_ranges(cfg)
     bad = [c for c in m.block_out_channels if c % m.norm_num_groups]
     if bad:
@@ -76,7 +86,7 @@ RANGES = {
     "0 or more": ("seed", "data.num_workers", "train.weight_decay", "train.warmup_steps", "train.grad_clip",
                   "train.sample_every", "train.checkpoint_every", "train.eval_every", "sample.guidance_scale"),
     "in [0, 1)": ("model.dropout", "train.label_dropout", "train.ema_decay"),
-    "in (0, 1)": ("schedule.beta_start", "schedule.beta_end"),
+    "in (0, 1)": ("schedule.beta_start", "schedule.beta_end", "train.adam_beta2"),
     "positive or null": ("train.max_steps", "train.epochs", "train.max_minutes", "train.min_snr_gamma",
                          "schedule.sigma_data"),
 }
@@ -125,7 +135,7 @@ def require_stop(cfg: Config) -> Config:
 def _validate_combinations(cfg: Config) -> None:
     """Values that are each fine but do not fit together."""
     m, sch, t = cfg.model, cfg.schedule, cfg.train
-    levels = [c for c, a in zip(m.block_out_channels, m.attention) if a]
+    levels = [c for c, a, x in zip(m.block_out_channels, m.attention, m.cross_attention or m.attention) if a or x]
     levels += [m.block_out_channels[-1]] if m.mid_attention else []
     if levels and m.attention_head_dim > min(levels):
         raise IclevrError(
@@ -163,6 +173,9 @@ def _validate_formulation(cfg: Config) -> None:
             f"choose one of: {', '.join(offered)}."
         )
     if sch.formulation != "edm":
+        if cfg.model.self_condition:
+            raise IclevrError("model.self_condition needs schedule.formulation=edm; set model.self_condition=false "
+                              "for a DDPM model.")
         return
     if cfg.train.min_snr_gamma is not None:
         raise IclevrError(

@@ -62,15 +62,25 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.log() / 4
 
 
+def clean_estimate(x: torch.Tensor, network_output: torch.Tensor, timestep, sigma_data: float) -> torch.Tensor:
+    """D from the network's output at the timestep a sampler handed it (c_noise(sigma), so sigma = e^(4t)):
+    what a self-conditioned model is fed at its next evaluation."""
+    sigma = torch.exp(4 * torch.as_tensor(timestep, dtype=torch.float32, device=x.device))
+    return c_skip(sigma, sigma_data) * x + c_out(sigma, sigma_data) * network_output
+
+
 def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """EDM's lambda(sigma) on ||D - y||^2; it equals 1 / c_out^2, so the loss on F is unweighted."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def denoise(model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """D(x; sigma): the clean image the model estimates from noisy `x` at noise levels `sigma` (B,)."""
+def denoise(model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, sigma_data: float,
+            previous: torch.Tensor | None = None) -> torch.Tensor:
+    """D(x; sigma): the clean image the model estimates from noisy `x` at noise levels `sigma` (B,);
+    `previous`: a self-conditioned model's last estimate (None: none yet)."""
     s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
-    out = model(c_in(s, sigma_data) * x, c_noise(sigma), labels).to(x.dtype)
+    extra = {"previous_estimate": previous / sigma_data} if previous is not None else {}
+    out = model(c_in(s, sigma_data) * x, c_noise(sigma), labels, **extra).to(x.dtype)
     return c_skip(s, sigma_data) * x + c_out(s, sigma_data) * out
 
 
@@ -96,9 +106,22 @@ def edm_loss(
     noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)
     s = sigma.reshape(-1, 1, 1, 1)
     noisy = images + s * noise
-    out = model(c_in(s, sd) * noisy, c_noise(sigma), labels).float()
+    extra = {}
+    # Self-conditioning: in half of the steps (a coin from the same generator) the network first
+    # estimates without help, and learns to improve on that estimate (no gradient through it).
+    if _self_conditioned(model) and torch.rand((), generator=generator) < 0.5:
+        with torch.no_grad():
+            first = c_skip(s, sd) * noisy + c_out(s, sd) * model(c_in(s, sd) * noisy, c_noise(sigma), labels)
+        extra = {"previous_estimate": (first / sd).detach()}
+    out = model(c_in(s, sd) * noisy, c_noise(sigma), labels, **extra).float()
     target = (images - c_skip(s, sd) * noisy) / c_out(s, sd)
     return F.mse_loss(out, target.float())
+
+
+def _self_conditioned(model) -> bool:
+    model = getattr(model, "module", model)  # accelerate's DistributedDataParallel wrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return bool(getattr(model, "self_conditioned", False))
 
 
 def measure_sigma_data(dataset, images: int = 1024) -> float:

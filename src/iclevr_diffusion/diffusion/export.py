@@ -32,6 +32,9 @@ def plain_unet_refusal(model) -> str | None:
         p = model.config.patch_size
         return (f"its UNet runs on {p}x{p} pixel patches folded into channels (model.patch_size={p}): "
                 "a plain UNet2DModel user would have to pixel_unshuffle the input and pixel_shuffle the output")
+    if any(getattr(model.config, "cross_attention", ())):
+        return ("its blocks cross-attend to one token per class (model.cross_attention): it is a "
+                "UNet2DConditionModel, not a UNet2DModel")
     if model.config.timestep_scale != 1.0:
         return ("it is an EDM model: its UNet takes c_noise = ln(sigma) / 4 as the timestep and its output "
                 "needs EDM's preconditioning (c_skip, c_out, c_in), which a plain UNet2DModel user would not apply")

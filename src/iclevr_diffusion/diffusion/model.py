@@ -14,6 +14,19 @@ Training at 32x32 and upscaling is not the same: blurred upscales cost the evalu
 scale and shift from the time + label embedding (AdaGN, Dhariwal & Nichol 2021) instead of adding it.
 `timestep_scale` multiplies the timestep the scheduler passes (EDM's c_noise = ln(sigma) / 4) before
 the sinusoidal embedding; see edm.EDM_TIMESTEP_SCALE.
+
+`cross_attention` (one flag per level) gives the UNet one token per class to attend to: the class's
+embedding plus a learned "asked for" or "not asked for" embedding. The time + label embedding reaches
+every pixel alike, so it can say which objects the scene holds but not where each one goes; with
+cross-attention each position can take its colour and shape from one object's token. The UNet is then
+diffusers' UNet2DConditionModel: levels with self-attention get self- plus cross-attention, the other
+flagged levels cross-attention only, and the middle block cross-attends when `mid_attention` is on.
+The null label (all zero) makes every token "not asked for": the unconditioned model of guidance.
+
+`self_condition` (EDM models; Chen, Zhang & Hinton 2022, "Analog Bits") gives the network a second
+image beside the noisy one: its own previous clean-image estimate (divided by sigma_data), or zeros
+when there is none. Training feeds it, in half of the steps, the estimate of a first pass without
+gradients; sampling feeds it the estimate of the previous network evaluation.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models import UNet2DModel
+from diffusers.models import UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -51,29 +64,38 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         patch_size: int = 1,
         time_scale_shift: str = "default",
         timestep_scale: float = 1.0,
+        cross_attention: tuple[bool, ...] = (),
+        self_condition: bool = False,
     ):
         super().__init__()
         if len(attention) != len(block_out_channels):
             raise ValueError("attention needs one flag per entry of block_out_channels")
         if patch_size < 1 or sample_size % patch_size:
             raise ValueError(f"patch_size {patch_size} must be a positive divisor of sample_size {sample_size}")
-        down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
-        up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
-        self.unet = UNet2DModel(
+        common = dict(
             sample_size=sample_size // patch_size,
-            in_channels=3 * patch_size**2,
+            in_channels=(6 if self_condition else 3) * patch_size**2,
             out_channels=3 * patch_size**2,
             block_out_channels=tuple(block_out_channels),
-            down_block_types=tuple(down),
-            up_block_types=tuple(up),
             layers_per_block=layers_per_block,
-            attention_head_dim=attention_head_dim,
             norm_num_groups=norm_num_groups,
             dropout=dropout,
-            add_attention=mid_attention,
             class_embed_type="identity",
             resnet_time_scale_shift=time_scale_shift,
         )
+        if any(cross_attention):
+            self.unet = _cross_attention_unet(common, attention, cross_attention, attention_head_dim, mid_attention)
+            self.label_tokens = LabelTokens(num_classes, block_out_channels[-1])
+        else:
+            down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention]
+            up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+            self.unet = UNet2DModel(
+                **common,
+                down_block_types=tuple(down),
+                up_block_types=tuple(up),
+                attention_head_dim=attention_head_dim,
+                add_attention=mid_attention,
+            )
         time_embed_dim = block_out_channels[0] * 4  # UNet2DModel's positional time embedding width
         self.label_proj = nn.Linear(num_classes, time_embed_dim)
 
@@ -93,17 +115,68 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             patch_size=m.patch_size,
             time_scale_shift=m.time_scale_shift,
             timestep_scale=EDM_TIMESTEP_SCALE if cfg.schedule.formulation == "edm" else 1.0,
+            cross_attention=tuple(m.cross_attention),
+            self_condition=m.self_condition,
         )
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int,
+        labels: torch.Tensor,
+        previous_estimate: torch.Tensor | None = None,  # self_condition: the last clean estimate / sigma_data
+    ) -> torch.Tensor:
+        if self.config.self_condition:
+            if previous_estimate is None:
+                previous_estimate = torch.zeros_like(sample)
+            sample = torch.cat([sample, previous_estimate.to(sample.dtype)], dim=1)
         emb = self.label_proj(labels.to(self.label_proj.weight.dtype))
         if self.config.timestep_scale != 1.0:
             timestep = torch.as_tensor(timestep, device=sample.device) * self.config.timestep_scale
+        extra = {"encoder_hidden_states": self.label_tokens(labels)} if hasattr(self, "label_tokens") else {}
         p = self.config.patch_size
         if p == 1:
-            return self.unet(sample, timestep, class_labels=emb).sample
-        out = self.unet(F.pixel_unshuffle(sample, p), timestep, class_labels=emb).sample
+            return self.unet(sample, timestep, class_labels=emb, **extra).sample
+        out = self.unet(F.pixel_unshuffle(sample, p), timestep, class_labels=emb, **extra).sample
         return F.pixel_shuffle(out, p)
+
+    @property
+    def self_conditioned(self) -> bool:
+        return bool(getattr(self.config, "self_condition", False))
+
+
+class LabelTokens(nn.Module):
+    """One token per class: its embedding plus an "asked for" / "not asked for" embedding, (B, classes, dim)."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.classes = nn.Parameter(torch.randn(num_classes, dim) * dim**-0.5)
+        self.presence = nn.Embedding(2, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        asked = (labels > 0.5).long()  # the multi-hot vector, 0/1 per class
+        return self.classes.unsqueeze(0) + self.presence(asked)
+
+
+def _cross_attention_unet(common: dict, attention, cross_attention, head_dim: int, mid_attention: bool):
+    if len(cross_attention) != len(attention):
+        raise ValueError("cross_attention needs one flag per entry of block_out_channels")
+    if any(a and not c for a, c in zip(attention, cross_attention)):
+        raise ValueError("with cross_attention, every level with self-attention must cross-attend too")
+    channels = common["block_out_channels"]
+    down = ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross_attention]
+    up = ["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross_attention)]
+    # UNet2DConditionModel's `attention_head_dim` is, for historical reasons, the number of heads.
+    heads = tuple(max(1, c // head_dim) for c in channels)
+    return UNet2DConditionModel(
+        **common,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attention else "UNetMidBlock2D",
+        only_cross_attention=tuple(c and not a for a, c in zip(attention, cross_attention)),
+        cross_attention_dim=channels[-1],
+        attention_head_dim=heads,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -32,6 +32,7 @@ from iclevr_diffusion.config import SampleConfig
 # diffusers >= 0.42 loads a component class named in model_index.json (iclevr_diffusion.diffusion.model:
 # ConditionalUNet) only from modules already imported; importing it here means importing the
 # pipeline is all a user needs before from_pretrained.
+from iclevr_diffusion.diffusion.edm import clean_estimate
 from iclevr_diffusion.diffusion.model import ConditionalUNet  # noqa: F401
 from iclevr_diffusion.diffusion.samplers import check_sampling, make_sampler, samplers_for, with_sampling_settings
 from iclevr_diffusion.errors import IclevrError
@@ -217,14 +218,20 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         snapshots = [x.clamp(-1, 1).cpu()] if 0 in keep else []
         done = 0
         step_kwargs = _step_kwargs(self.scheduler, generator)
+        # A self-conditioned (EDM) model gets its previous clean estimate, per half of a guided batch.
+        sigma_data = float(self.scheduler.config.sigma_data) if getattr(self.unet, "self_conditioned", False) else None
+        previous = None
         with self.progress_bar(total=whole_steps) as bar:
             for t in timesteps:
-                model_in = torch.cat([x, x]) if guided else x
-                model_in = self.scheduler.scale_model_input(model_in, t)
+                unscaled = torch.cat([x, x]) if guided else x
+                model_in = self.scheduler.scale_model_input(unscaled, t)
+                extra = {} if previous is None else {"previous_estimate": previous / sigma_data}
                 # Only the UNet runs in bf16; guidance and the solver's arithmetic stay in fp32.
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)):
-                    out = self.unet(model_in, t, labels_in)
+                    out = self.unet(model_in, t, labels_in, **extra)
                 out = out.float()
+                if sigma_data is not None:
+                    previous = clean_estimate(unscaled, out, t, sigma_data)
                 if guided:
                     eps_cond, eps_null = out.chunk(2)
                     out = eps_null + guidance_scale * (eps_cond - eps_null)

@@ -157,7 +157,9 @@ def train(
         )
 
     # -- Optimizer, EMA, lr schedule and random states: fresh, or as the checkpoint left them.
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t_cfg.lr, betas=(0.9, t_cfg.adam_beta2), weight_decay=t_cfg.weight_decay
+    )
     horizon = known_horizon(cfg, steps_per_epoch)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "horizon": horizon}
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise, timesteps, label dropout, flips
