@@ -28,11 +28,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from iclevr_diffusion.config import SampleConfig
+from iclevr_diffusion.diffusion.edm import clean_estimate
 
 # diffusers >= 0.42 loads a component class named in model_index.json (iclevr_diffusion.diffusion.model:
 # ConditionalUNet) only from modules already imported; importing it here means importing the
 # pipeline is all a user needs before from_pretrained.
-from iclevr_diffusion.diffusion.edm import clean_estimate
 from iclevr_diffusion.diffusion.model import ConditionalUNet  # noqa: F401
 from iclevr_diffusion.diffusion.samplers import check_sampling, make_sampler, samplers_for, with_sampling_settings
 from iclevr_diffusion.errors import IclevrError
