@@ -54,9 +54,8 @@ RECIPES: dict[str, list[str]] = {
     "edm": [*_EDM, "model.time_scale_shift=default", "train.lr=0.001"],
     "edm-adagn": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.001"],
     "edm-adagn-lr2e-3": _BEFORE,  # the default before this release's noise levels
-    "edm-adagn-lr4e-3": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.004"],
-    "edm-adagn-lr2e-3-p08": [*_EDM, "model.time_scale_shift=scale_shift", "train.lr=0.002", "schedule.p_mean=-0.8",
-                             "schedule.p_std=1.6"],
+    "edm-adagn-lr4e-3": [*_BEFORE, "train.lr=0.004"],
+    "edm-adagn-lr2e-3-p08": [*_BEFORE, "schedule.p_mean=-0.8", "schedule.p_std=1.6"],
     # capacity on the default recipe: a second resnet layer per level (1.7x the time per step), or
     # 1.5x the width (1.9x the time per step)
     "default-lpb2": [*_BEFORE, "model.layers_per_block=2"],

@@ -111,8 +111,8 @@ def edm_loss(
     # estimates without help, and learns to improve on that estimate (no gradient through it).
     if _self_conditioned(model) and torch.rand((), generator=generator) < 0.5:
         with torch.no_grad():
-            first = c_skip(s, sd) * noisy + c_out(s, sd) * model(c_in(s, sd) * noisy, c_noise(sigma), labels)
-        extra = {"previous_estimate": (first / sd).detach()}
+            first = denoise(model, noisy, sigma, labels, sd)
+        extra = {"previous_estimate": first / sd}
     out = model(c_in(s, sd) * noisy, c_noise(sigma), labels, **extra).float()
     target = (images - c_skip(s, sd) * noisy) / c_out(s, sd)
     return F.mse_loss(out, target.float())

@@ -126,7 +126,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         labels: torch.Tensor,
         previous_estimate: torch.Tensor | None = None,  # self_condition: the last clean estimate / sigma_data
     ) -> torch.Tensor:
-        if self.config.self_condition:
+        if self.self_conditioned:
             if previous_estimate is None:
                 previous_estimate = torch.zeros_like(sample)
             sample = torch.cat([sample, previous_estimate.to(sample.dtype)], dim=1)
@@ -142,7 +142,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
 
     @property
     def self_conditioned(self) -> bool:
-        return bool(getattr(self.config, "self_condition", False))
+        return bool(self.config.self_condition)  # diffusers fills the key in for folders saved before it existed
 
 
 class LabelTokens(nn.Module):
