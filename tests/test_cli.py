@@ -104,10 +104,15 @@ def test_debug_env_also_re_raises_os_errors(tmp_path, monkeypatch):
     stopped = runner.invoke(app, ["labels"])
     assert stopped.exit_code == 130 and stopped.stderr.strip() == "interrupted"
 
+    monkeypatch.setenv("ICLEVR_DEBUG", "0")  # off, as an unset variable
+    assert runner.invoke(app, argv).stderr.startswith("error: ")
+
     monkeypatch.setenv("ICLEVR_DEBUG", "1")
     debug = runner.invoke(app, argv)
     assert isinstance(debug.exception, NotADirectoryError) and debug.stderr == ""
-    # (Ctrl-C under ICLEVR_DEBUG is re-raised too, but click then turns it into "Aborted!", exit 1.)
+    stopped = runner.invoke(app, ["labels"])  # Ctrl-C: the traceback, and still exit 130
+    assert stopped.exit_code == 130 and "Traceback" in stopped.stderr and "KeyboardInterrupt" in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == "interrupted"
 
 
 def _ctrl_c(*args, **kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -35,8 +36,13 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _debug_on() -> bool:
+    """ICLEVR_DEBUG set to anything but empty, 0, false, no or off."""
+    return os.environ.get("ICLEVR_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def friendly_errors(command):
-    """Turn IclevrError into `error: ...` + exit 1 and Ctrl-C into exit 130 (ICLEVR_DEBUG=1: traceback)."""
+    """Turn IclevrError into `error: ...` + exit 1 and Ctrl-C into exit 130 (ICLEVR_DEBUG=1: traceback too)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -44,19 +50,20 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except IclevrError as e:
-            if os.environ.get("ICLEVR_DEBUG"):
+            if _debug_on():
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            if os.environ.get("ICLEVR_DEBUG"):
-                raise
+            if _debug_on():
+                # Not re-raised: click would turn it into "Aborted!" and exit 1, hiding both.
+                traceback.print_exc()
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except OSError as e:
             # Disk full, read-only or permission problems met where no IclevrError explains them yet
             # (e.g. a run folder whose parent is a file): still one line, not a traceback.
-            if os.environ.get("ICLEVR_DEBUG"):
+            if _debug_on():
                 raise
             what = f" {e.filename}" if e.filename else ""
             reason = " ".join(str(e.strerror or e).split())
