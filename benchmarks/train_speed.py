@@ -70,6 +70,10 @@ def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
         ("default + self-conditioning", preset("default", "model.self_condition=true"), True, False),
         ("default on 4x4 patches, 64/128/256",
          preset("default", "model.patch_size=4", "model.block_out_channels=[64, 128, 256]"), True, False),
+        ("default without patching, a 16-channel level at 64x64 in front",
+         preset("default", "model.patch_size=1", "model.block_out_channels=[16, 32, 64, 128]",
+                "model.attention=[false, false, false, true]", "model.norm_num_groups=8"), True, False),
+        ("default + self-attention at 16x16", preset("default", "model.attention=[false, true, true]"), True, False),
         ("full preset (bf16)", preset("full"), True, False),
         (COMPILED, preset("default"), True, False),
     ]
