@@ -185,7 +185,8 @@ def main_job(files, opts):
     held = ev.get("heldout_accuracy")
     rows.append(
         [
-            f"of which training the own evaluator ({ev.get('arch', NOT_RECORDED)}) on first use",
+            f"of which {'installing the shipped' if ev.get('source') == 'shipped' else 'training the own'} "
+            f"evaluator ({ev.get('arch', NOT_RECORDED)}) on first use",
             f"{num(ev.get('seconds'), 1)} s, {acc(None if held is None else 100 * held)} held-out",
         ]
     )

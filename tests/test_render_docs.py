@@ -193,3 +193,24 @@ def test_a_bad_marker_or_missing_file_is_one_error_line(tmp_path, marker, messag
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and message in out.stderr and out.stderr.count("\n") == 1
     assert doc.read_text() == marker
+
+
+def test_main_job_names_an_installed_shipped_evaluator_with_its_install_time():
+    """The first `evaluate` on the built-in set installs the shipped evaluator: main_job.json records
+    the seconds installing took, not the card's one-time training (390 s on the machine that made it)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import main_job
+
+    from iclevr_diffusion.evaluator.shipped import shipped_evaluator
+
+    _, packaged = shipped_evaluator()
+    installed = {**packaged, "source": "shipped", "heldout_accuracy": 0.995, "seconds_installing": 6.5}
+    assert main_job.first_use(installed) == {"arch": packaged["arch"], "source": "shipped", "seconds": 6.5,
+                                             "heldout_accuracy": 0.995}
+    assert main_job.first_use(packaged)["source"] == "trained"  # a card the trainer wrote: its own seconds
+    assert main_job.first_use(packaged)["seconds"] == packaged["seconds"]
+    data = {"machine": MACHINE, "steps": 10, "evaluate": {"results": []},
+            "evaluator_first_use": main_job.first_use(installed)}
+    lines = render_docs.current.main_job([("main_job.json", data)], {})
+    assert f"| of which installing the shipped evaluator ({packaged['arch']}) on first use | 6.5 s, 99.5% held-out |" \
+        in lines
