@@ -57,4 +57,6 @@ def is_default_recipe(cfg) -> bool:
     for d in (mine, shipped):
         for key in ("max_steps", "max_minutes", "epochs", "snapshot_minutes"):
             d["train"].pop(key)
-    return all(mine[k] == shipped[k] for k in ("model", "schedule", "train", "sample"))
+        for key in ("root", "images", "num_workers"):  # where the data is and how it is read, not what
+            d["data"].pop(key)
+    return all(mine[k] == shipped[k] for k in ("data", "model", "schedule", "train", "sample"))

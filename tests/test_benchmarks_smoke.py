@@ -141,3 +141,18 @@ def test_slow_cpu(tmp_path):
     assert set(first) == {"native", "simulated"}
     assert all(set(r["accuracy"]) == {"test", "new_test"} and r["seconds"] > r["sampling_seconds"] > 0
                for r in first.values())
+
+
+def test_only_the_shipped_config_is_called_default_in_results_files():
+    """Results rows say "default" only for a run that trains what the default preset does: its budget,
+    measured sigma_data and data location aside, but not a data option such as flips."""
+    sys.path.insert(0, str(BENCH))
+    from scoring import is_default_recipe
+
+    from iclevr_diffusion.config import load_config
+
+    assert is_default_recipe(load_config("default", ["train.max_steps=5200", "train.max_minutes=null",
+                                                     "data.root=/elsewhere", "schedule.sigma_data=0.2"]))
+    assert not is_default_recipe(load_config("default", ["data.hflip=true"]))
+    assert not is_default_recipe(load_config("default", ["data.synthetic_scenes=100"]))
+    assert not is_default_recipe(load_config("default", ["schedule.p_mean=-1.2"]))

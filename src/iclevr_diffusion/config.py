@@ -35,7 +35,9 @@ class DataConfig:
     images: str | None = None  # folder of the PNGs when it is not ROOT/iclevr or ROOT/images
     image_size: int = 64  # square side the images are resized to (the evaluator expects 64)
     resize: str = "squash"  # squash the full 4:3 frame (course practice) or center_crop
-    hflip: bool = False  # random horizontal flips (labels carry no left/right, so this is safe)
+    # Random horizontal flips: the labels carry no left/right, but the built-in scenes are lit from one
+    # side, and flips cost 5.5 points on val after 5,200 steps (BENCHMARKS.md, "Pixel patches ...").
+    hflip: bool = False
     synthetic_scenes: int = 6003  # size of the built-in synthetic set (the real one has 6,003 scenes)
     num_workers: int = 0  # DataLoader worker processes
 
