@@ -93,6 +93,8 @@ RECIPES: dict[str, list[str]] = {
     "noise06-attn16": [*_NOISE06, "model.attention=[false,true,true]"],
     # random horizontal flips of the training images (labels name no left or right)
     "noise06-hflip": [*_NOISE06, "data.hflip=true"],
+    # the same recipe from another training seed (init, data order, noise): the spread between runs
+    "noise06-seed1": [*_NOISE06, "seed=1"],
 }
 
 

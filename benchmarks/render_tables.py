@@ -38,6 +38,7 @@ RECIPES = {
     "noise06-p1": "the default without pixel patches (the UNet at 64x64)",
     "noise06-p1-16": "the default without pixel patches, a 16-channel level at 64x64 in front of its three",
     "noise06-hflip": "the default with random horizontal flips of the training images",
+    "noise06-seed1": "the default, another training seed (1 instead of 0)",
     "noise06-attn16": "the default + self-attention at 16x16",
     "default": "**the default preset**",
     "default-heun": "the previous default preset, sampled with Heun (its default)",
