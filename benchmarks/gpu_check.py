@@ -6,12 +6,14 @@
 
 1. Throughput: full optimizer steps (forward, loss, backward, AdamW) on random 64x64 batches for the
    seed preset (fp32, as the report trained; and bf16) and the default and full presets (bf16
-   autocast), timed with CUDA synchronisation after warm-up; also the largest peak memory.
-2. A short run: `train()` of the full preset on the built-in synthetic data (rendered on first use)
-   for --minutes, then `evaluate`-style accuracy of its EMA model on test and new_test with the
-   toolkit's evaluator (trained on first use), one seed, the preset's sampler and guidance.
-Writes benchmarks/results/gpu_check.json with the GPU's name; exits with a one-line error when no
-CUDA device is present (except with --smoke).
+   autocast), timed with CUDA synchronisation after warm-up; also the largest peak memory. The
+   default also at its own batch of 16, and without pixel patches (model.patch_size=1), the change
+   that learns most per step on CPU but costs 3.3x there per step.
+2. Short runs: `train()` of each --configs preset on the built-in synthetic data (rendered on first
+   use) for --minutes each, then `evaluate`-style accuracy of its EMA model on test and new_test with
+   the toolkit's evaluator (installed on first use), one seed, the preset's sampler and guidance.
+Writes benchmarks/results/gpu_check.json with the GPU's name after every stage, so a run cut short
+keeps what it measured; exits with a one-line error when no CUDA device is present (except with --smoke).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def throughput(cfg: Config, bf16: bool, batch: int, steps: int, device: torch.de
             "images_per_s": steps * batch / seconds, "peak_memory_gib": peak}
 
 
-def short_run(args, device: torch.device) -> dict:
+def short_run(args, preset: str, device: torch.device) -> dict:
     from iclevr_diffusion.data.iclevr import load_conditions
     from iclevr_diffusion.diffusion.sampling import load_pipeline
     from iclevr_diffusion.training.loop import train
@@ -83,15 +85,16 @@ def short_run(args, device: torch.device) -> dict:
     if args.smoke:
         data, tiny = smoke_dataset(args.run.parent / "smoke-data")
         sets = [*tiny, f"data.root={data}", *sets]
-    cfg = load_config(args.config, sets)
-    result = train(cfg, args.run)
-    pipe, cfg, _ = load_pipeline(args.run, device=str(device))
+    cfg = load_config(preset, sets)
+    run_dir = args.run / preset
+    result = train(cfg, run_dir)
+    pipe, cfg, _ = load_pipeline(run_dir, device=str(device))
     net, evaluator = benchmark_evaluator(args.smoke, None, None, device, cfg.data.synthetic_scenes)
     net = net.to(device)
     splits = [(s, load_conditions(split=s)[: 4 if args.smoke else None]) for s in ("test", "new_test")]
     scored = split_accuracy(pipe, net, splits, cfg.sample.sampler, cfg.sample.steps, cfg.sample.guidance_scale,
                             batch_size=64)
-    return {"config": args.config, "minutes": args.minutes, "steps": result.step, "images_per_s": result.images_per_s,
+    return {"config": preset, "minutes": args.minutes, "steps": result.step, "images_per_s": result.images_per_s,
             "mixed_precision": result.mixed_precision, "sampler": f"{cfg.sample.sampler}-{cfg.sample.steps}",
             "guidance_scale": cfg.sample.guidance_scale, "evaluator": evaluator, "accuracy": scored["accuracy"],
             "sampling_seconds_per_image": scored["seconds_per_image"]}
@@ -102,8 +105,8 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per throughput row")
-    p.add_argument("--config", default="full", help="preset trained in the short run")
-    p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget of the short run")
+    p.add_argument("--configs", nargs="+", default=["default", "full"], help="presets trained in short runs")
+    p.add_argument("--minutes", type=float, default=2.5, help="wall-clock budget of each short run")
     p.add_argument("--run", type=Path, default=Path("runs/gpu-check"))
     p.add_argument("--no-run", action="store_true", help="throughput only")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, seconds")
@@ -115,21 +118,28 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here; run this on a GPU machine (or --smoke to check the script on CPU).")
     out = args.out or RESULTS / f"gpu_check{'-smoke' if args.smoke else ''}.json"
-    presets = [("seed preset, fp32 (as the report)", "seed", False), ("seed preset, bf16", "seed", True),
-               ("default preset, bf16", "default", True), ("full preset, bf16", "full", True)]
-    rows = []
-    for name, preset, bf16 in presets:
-        cfg = load_config(preset, TINY if args.smoke else [])
-        row = {"name": name, **throughput(cfg, bf16, args.batch, args.steps, device)}
-        rows.append(row)
-        print(f"{name:36s} {row['params'] / 1e6:6.2f}M {row['images_per_s']:9.1f} img/s", flush=True)
-    run = None if args.no_run else short_run(args, device)
-    if run:
-        print(f"short run: {run}", flush=True)
+    small = min(16, args.batch)  # the default preset's own batch
+    presets = [("seed preset, fp32 (as the report)", "seed", False, args.batch, []),
+               ("seed preset, bf16", "seed", True, args.batch, []),
+               ("default preset, bf16", "default", True, args.batch, []),
+               ("default preset, bf16", "default", True, small, []),
+               ("default preset without pixel patches, bf16", "default", True, args.batch, ["model.patch_size=1"]),
+               ("default preset without pixel patches, bf16", "default", True, small, ["model.patch_size=1"]),
+               ("full preset, bf16", "full", True, args.batch, [])]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result = {"benchmark": "gpu_check", "date": now,
-              "machine": machine(str(device)), "throughput": rows, "short_run": run, "smoke": args.smoke}
+    result = {"benchmark": "gpu_check", "date": now, "machine": machine(str(device)), "throughput": [],
+              "short_runs": [], "smoke": args.smoke}
+    for name, preset, bf16, batch, sets in presets:
+        cfg = load_config(preset, [*(TINY if args.smoke else []), *sets])
+        row = {"name": name, **throughput(cfg, bf16, batch, args.steps, device)}
+        result["throughput"].append(row)
+        print(f"{name:44s} batch {batch:3d} {row['params'] / 1e6:6.2f}M {row['images_per_s']:9.1f} img/s",
+              flush=True)
     write_json(out, result)
+    for preset in [] if args.no_run else args.configs:
+        result["short_runs"].append(short_run(args, preset, device))
+        print(f"short run: {result['short_runs'][-1]}", flush=True)
+        write_json(out, result)
     print(f"wrote {out}")
     return result
 

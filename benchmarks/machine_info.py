@@ -23,6 +23,8 @@ def cpu_flags() -> list[str]:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (+changes when tracked files differ); in a copy without .git (a GPU
+    machine's working tree), the commit the copy was made from, passed in as $BENCH_COMMIT."""
     import subprocess
 
     try:
@@ -30,9 +32,11 @@ def git_commit() -> str | None:
                              cwd=Path(__file__).parent, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+changes" if dirty else "") if out.returncode == 0 else None
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("BENCH_COMMIT")
 
 
 def machine(device: str = "cpu") -> dict:

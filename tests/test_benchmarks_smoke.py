@@ -104,9 +104,11 @@ def test_quality_at_budget(tmp_path):
 def test_gpu_check(tmp_path):
     data = smoke("gpu_check.py", tmp_path)
     rows = data["throughput"]
-    assert [r["bf16"] for r in rows] == [False, True, True, True] and rows[0]["params"] == rows[1]["params"] > 0
-    run_ = data["short_run"]
-    assert run_["steps"] > 0 and set(run_["accuracy"]) == {"test", "new_test"}
+    assert [r["bf16"] for r in rows] == [False, True, True, True, True, True, True]
+    assert rows[0]["params"] == rows[1]["params"] > 0 and [r["batch"] for r in rows[2:4]] == [4, 4]
+    assert [r["config"] for r in data["short_runs"]] == ["default", "full"]
+    for run_ in data["short_runs"]:
+        assert run_["steps"] > 0 and set(run_["accuracy"]) == {"test", "new_test"}
 
 
 def test_x0_check(tmp_path):
