@@ -24,9 +24,11 @@ def cpu_flags() -> list[str]:
 
 def git_commit() -> str | None:
     """The checkout's commit (+changes when tracked files differ); in a copy without .git (a GPU
-    machine's working tree), the commit the copy was made from, passed in as $BENCH_COMMIT."""
+    machine's working tree, whose .git may be stale), the commit it was made from: $BENCH_COMMIT."""
     import subprocess
 
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
@@ -36,7 +38,7 @@ def git_commit() -> str | None:
             return out.stdout.strip() + ("+changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("BENCH_COMMIT")
+    return None
 
 
 def machine(device: str = "cpu") -> dict:
