@@ -32,6 +32,7 @@ from iclevr_diffusion.config import Config, load_config
 from iclevr_diffusion.diffusion.losses import diffusion_loss
 from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
 from iclevr_diffusion.diffusion.schedule import make_train_scheduler
+from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,7 +138,10 @@ def main(argv=None) -> dict:
               flush=True)
     write_json(out, result)
     for preset in [] if args.no_run else args.configs:
-        result["short_runs"].append(short_run(args, preset, device))
+        try:
+            result["short_runs"].append(short_run(args, preset, device))
+        except IclevrError as e:  # e.g. a non-finite loss under train.nan_policy=stop: keep it as a result
+            result["short_runs"].append({"config": preset, "minutes": args.minutes, "error": str(e)})
         print(f"short run: {result['short_runs'][-1]}", flush=True)
         write_json(out, result)
     print(f"wrote {out}")

@@ -5,7 +5,7 @@
     python benchmarks/render_docs.py --check docs/OTHER.md   # any markdown files instead of the two
 
 A rendered section sits between two marker comments; the first names a table kind (a function of
-render_tables.py or render_tables_ddpm.py, listed in KINDS below) and the results files it reads, relative
+render_tables*.py, listed in KINDS below) and the results files it reads, relative
 to the markdown file, then optional key=value options:
 
     <!-- render:quality_at_steps benchmarks/results/quality_at_steps.json group=recipe -->
@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import render_tables as current  # noqa: E402
 import render_tables_ddpm as ddpm  # noqa: E402
+import render_tables_gpu as gpu  # noqa: E402
 from render_tables import RenderError  # noqa: E402
 
 # The table kinds a marker can name: one function per results-file shape.
@@ -50,6 +51,9 @@ KINDS = {
         ddpm.x0_check,
         ddpm.preset_choice,
         ddpm.quality_at_budget,
+        gpu.gpu_throughput,
+        gpu.gpu_short_runs,
+        gpu.gpu_stability,
     )
 }
 

@@ -94,7 +94,7 @@ def machine_of(data: dict) -> dict:
     return {**found, **{k: data[k] for k in ("command", "commit", "cpu", "cpu_flags", "date") if k in data}}
 
 
-def source_line(path: str, data: dict) -> str:
+def source_line(path: str, data: dict, which: str = "") -> str:
     m = machine_of(data)
 
     def get(key):
@@ -105,15 +105,22 @@ def source_line(path: str, data: dict) -> str:
     flags = ", ".join(flags) if flags else "flags " + NOT_RECORDED
     command = f"`{m['command']}`" if m.get("command") else NOT_RECORDED
     return (
-        f"Source: `{path}`; command: {command}; commit: {get('commit')}; CPU: {get('cpu')} ({flags}), "
-        f"{get('cores')} cores; torch {get('torch')}; torch threads: {get('torch_threads')}; date: {get('date')}."
+        f"Source: `{path}`{which}; command: {command}; commit: {get('commit')}; CPU: {get('cpu')} ({flags}), "
+        f"{get('cores')} cores; " + (f"GPU: {m['gpu']}; " if m.get("gpu") else "") +
+        f"torch {get('torch')}; torch threads: {get('torch_threads')}; date: {get('date')}."
     )
 
 
 def footer(files: list[tuple[str, dict]], *notes: str) -> list[str]:
-    """The notes as one paragraph, then one bullet per source file."""
+    """The notes as one paragraph, then one bullet per source file (per run, for a file that assembles
+    several runs under `runs`, each with its own `machine`)."""
     notes = [n for n in notes if n]
-    return ["", *notes, *([""] if notes else []), *[f"- {source_line(p, d)}" for p, d in files]]
+    sources = []
+    for p, d in files:
+        runs = [] if d.get("machine") else [r for r in d.get("runs") or [] if isinstance(r, dict) and r.get("machine")]
+        sources += [source_line(p, r, f" (run {i + 1} of {len(runs)})") for i, r in enumerate(runs)] or [
+            source_line(p, d)]
+    return ["", *notes, *([""] if notes else []), *[f"- {line}" for line in sources]]
 
 
 def seeds_and_conditions(rows: list[dict]) -> str:

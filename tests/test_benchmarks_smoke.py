@@ -111,6 +111,22 @@ def test_gpu_check(tmp_path):
         assert run_["steps"] > 0 and set(run_["accuracy"]) == {"test", "new_test"}
 
 
+def test_gpu_stability(tmp_path):
+    data = smoke("gpu_stability.py", tmp_path)
+    runs = data["runs"]
+    assert [r["name"] for r in runs] == [v[0] for v in _gpu_stability_variants()]
+    for r in runs:  # a tiny model for 4 steps: every variant finishes, and each logged step is recorded
+        assert r["finished_steps"] == 4 and r["non_finite_at_step"] is None and r["error"] is None
+        assert [c["step"] for c in r["curve"]] == [1, 2, 3, 4] and all(c["max_abs_param"] > 0 for c in r["curve"])
+
+
+def _gpu_stability_variants():
+    sys.path.insert(0, str(BENCH))
+    import gpu_stability
+
+    return gpu_stability.VARIANTS
+
+
 def test_x0_check(tmp_path):
     models = smoke("x0_check.py", tmp_path)["models"]
     eps = models["tiny epsilon"]

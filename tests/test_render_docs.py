@@ -214,3 +214,25 @@ def test_main_job_names_an_installed_shipped_evaluator_with_its_install_time():
     lines = render_docs.current.main_job([("main_job.json", data)], {})
     assert f"| of which installing the shipped evaluator ({packaged['arch']}) on first use | 6.5 s, 99.5% held-out |" \
         in lines
+
+
+def test_gpu_tables_show_every_run_and_a_stopped_run_with_its_error(tmp_path):
+    """An assembled file of several GPU runs gets one column and one source line per run; a short run
+    that stopped shows its error instead of accuracy."""
+    gpu = {**MACHINE, "gpu": "Test GPU", "cores": 16}
+    row = {"name": "default preset, bf16", "params": 2_000_000, "batch": 16, "bf16": True, "peak_memory_gib": 0.25}
+    runs = [{"machine": {**gpu, "commit": f"c{i}"}, "throughput": [{**row, "images_per_s": ips}],
+             "short_run": {"config": "default", "minutes": 2, "error": f"Loss became nan at step {step}"}}
+            for i, (ips, step) in enumerate([(500.4, 465), (326.0, 432)])]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "nan.json").write_text(json.dumps({"benchmark": "assembled", "runs": runs}))
+    doc = tmp_path / "DOC.md"
+    doc.write_text("<!-- render:gpu_throughput results/nan.json -->\n<!-- /render -->\n\n"
+                   "<!-- render:gpu_short_runs results/nan.json -->\n<!-- /render -->\n")
+    assert cli(doc).returncode == 0
+    text = doc.read_text()
+    assert "| default preset, bf16 | 16 | 2.00M | 500 | 326 | 0.25 |" in text
+    assert "| default | 2 | stopped | - | - | - | - | Loss became nan at step 432 |" in text
+    assert "`results/nan.json` (run 2 of 2); command: `python benchmarks/quality_at_steps.py --seeds 2`; commit: c1;" \
+        in text
+    assert "GPU: Test GPU; torch 2.0+cpu" in text

@@ -158,24 +158,61 @@ def test_resume_with_another_model_is_an_error(data_root, tmp_path):
         train(tiny_cfg(data_root, "train.max_steps=2", "model.layers_per_block=2"), tmp_path / "run")
 
 
-class _NaNFirst(torch.utils.data.Dataset):
-    """Four images, the first of which is NaN."""
+class _NaNImages(torch.utils.data.Dataset):
+    """Four images; those at the indices in `bad` are NaN."""
+
+    def __init__(self, bad=(0,)):
+        self.bad = set(bad)
 
     def __len__(self):
         return 4
 
     def __getitem__(self, i):
-        image = torch.full((3, 16, 16), float("nan") if i == 0 else 0.1)
+        image = torch.full((3, 16, 16), float("nan") if i in self.bad else 0.1)
         return image, torch.eye(24)[i]
 
 
-def test_nan_policy(data_root, tmp_path):
-    with pytest.raises(IclevrError, match="nan_policy"):
-        train(tiny_cfg(data_root, "train.max_steps=2", "train.batch_size=1"), tmp_path / "a", dataset=_NaNFirst())
+def test_nan_policy_stop_stops_at_the_first_non_finite_loss(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "train.max_steps=2", "train.batch_size=1", "train.nan_policy=stop")
+    with pytest.raises(IclevrError, match=r"The loss became nan at step 1; no checkpoint yet.*nan_policy=skip"):
+        train(cfg, tmp_path / "a", dataset=_NaNImages())
+
+
+def test_the_default_skips_an_isolated_non_finite_batch_and_keeps_the_weights_finite(data_root, tmp_path):
     notes = []
-    result = train(tiny_cfg(data_root, "train.max_steps=5", "train.batch_size=1", "train.nan_policy=skip"),
-                   tmp_path / "b", dataset=_NaNFirst(), progress=lambda e, **i: notes.append(i.get("message", "")))
-    assert result.step == 5 and any("non-finite" in n for n in notes)
+    result = train(tiny_cfg(data_root, "train.max_steps=5", "train.batch_size=1", "train.log_every=1"),
+                   tmp_path / "b", dataset=_NaNImages(), progress=lambda e, **i: notes.append(i.get("message", "")))
+    assert result.step == 5 and any("non-finite loss" in n and "batch skipped" in n for n in notes)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped"] == 1  # one NaN image in the 5 optimizer steps' 6 batches
+    weights = final_weights(tmp_path / "b")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skip_stops_when_every_batch_is_non_finite(data_root, tmp_path):
+    cfg = tiny_cfg(data_root, "train.max_steps=5", "train.batch_size=1")
+    with pytest.raises(IclevrError, match="non-finite in 20 batches in a row at step 1"):
+        train(cfg, tmp_path / "c", dataset=_NaNImages(bad=range(4)))
+
+
+def test_a_non_finite_gradient_norm_is_reported_and_clipping_keeps_finite_ones():
+    """What stops an optimizer step from writing NaN into the weights: the norm before clipping."""
+    from accelerate import Accelerator
+
+    from iclevr_diffusion.training.agreement import all_finite, clip_gradients
+
+    accelerator = Accelerator(cpu=True)
+    layer = torch.nn.Linear(3, 2)
+    layer.weight.grad = torch.full_like(layer.weight, 3.0)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    norm = clip_gradients(accelerator, layer.parameters(), 1.0)
+    assert float(norm) == pytest.approx(3.0 * 6**0.5) and all_finite(accelerator, norm)
+    assert float(layer.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+    unclipped = clip_gradients(accelerator, layer.parameters(), 0.0)  # grad_clip 0: measured, not clipped
+    assert float(unclipped) == pytest.approx(1.0, rel=1e-4)
+    assert float(layer.weight.grad.norm()) == pytest.approx(1.0, rel=1e-4)
+    layer.weight.grad[0, 0] = float("inf")
+    assert not all_finite(accelerator, clip_gradients(accelerator, layer.parameters(), 1.0))
 
 
 def test_wall_clock_budget_and_bf16(data_root, tmp_path):

@@ -98,7 +98,10 @@ class TrainConfig:
     snapshot_minutes: list[float] = field(default_factory=list)
     eval_every: int = 0  # steps between evaluations on test/new_test (0 = off)
     channels_last: bool = False
-    nan_policy: str = "stop"  # stop | skip: what a NaN/inf loss does
+    # What a batch with a NaN/inf loss or gradient norm does. skip: no optimizer step (weights, optimizer
+    # state and EMA untouched), a note, and the run stops after 20 such batches in a row; stop: stop at
+    # the first, naming the last good checkpoint.
+    nan_policy: str = "skip"
 
 
 @dataclass

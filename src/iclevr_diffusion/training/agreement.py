@@ -21,6 +21,15 @@ def all_finite(accelerator, loss: torch.Tensor) -> bool:
     return bool(finite.min() > 0)
 
 
+def clip_gradients(accelerator, params, grad_clip: float) -> torch.Tensor:
+    """Clip the gradients to norm `grad_clip` (0: no clipping) and return their total norm before it.
+
+    An optimizer step must not run when the norm is inf or NaN: clipping would turn every gradient
+    into NaN, and AdamW would write NaN into the weights and its moment estimates, so every later loss
+    is NaN too. Callers check the norm with all_finite and skip the step (as fp16 loss scaling does)."""
+    return accelerator.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+
+
 def agree(accelerator, value: int) -> int:
     """The main process's value, on every process."""
     if accelerator.num_processes == 1:

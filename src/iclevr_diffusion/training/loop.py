@@ -31,7 +31,7 @@ from iclevr_diffusion.diffusion.model import ConditionalUNet
 from iclevr_diffusion.diffusion.schedule import make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
 from iclevr_diffusion.training import checkpoints as ckpt
-from iclevr_diffusion.training.agreement import DeferredSigint, agree, agree_stop, all_finite
+from iclevr_diffusion.training.agreement import DeferredSigint, agree, agree_stop, all_finite, clip_gradients
 from iclevr_diffusion.training.batches import BatchOrder, augment, batches, build_dataset, micro_batch
 from iclevr_diffusion.training.horizon import HorizonPlanner, apply_lr, eta, known_horizon, stop_reason, with_horizon
 from iclevr_diffusion.training.resume import check_compatible, resume_candidates, with_sigma_data
@@ -45,6 +45,7 @@ from iclevr_diffusion.training.run_outputs import (
 )
 
 Progress = Callable[..., None]  # progress(event, **info): events start, step, note, end
+MAX_SKIPS_IN_A_ROW = 20  # train.nan_policy=skip: more non-finite batches in a row than this stop the run
 
 
 @dataclass
@@ -161,7 +162,7 @@ def train(
         model.parameters(), lr=t_cfg.lr, betas=(0.9, t_cfg.adam_beta2), weight_decay=t_cfg.weight_decay
     )
     horizon = known_horizon(cfg, steps_per_epoch)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "horizon": horizon}
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "horizon": horizon, "skipped": 0}
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise, timesteps, label dropout, flips
     ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, model_cls=ConditionalUNet, model_config=model.config)
     if source is not None:
@@ -169,6 +170,7 @@ def train(
         opt.load_state_dict(source["optimizer"])
         ema.load_state_dict({**source["state"]["ema"], "shadow_params": source["ema"]})
         state.update({k: source["state"][k] for k in ("step", "epoch", "batch", "elapsed_s", "horizon")})
+        state["skipped"] = source["state"].get("skipped", 0)  # absent in checkpoints of earlier versions
         # A longer run resumed (raised max_steps/epochs) gets the new horizon.
         state["horizon"] = horizon if horizon is not None else state["horizon"]
         ckpt.restore_rng(source["rng"], gen)
@@ -246,6 +248,7 @@ def train(
          world=world, resumed_from=str(source["path"]) if source else None)
     window = _Window(clock)
     last_loss, last_ips = None, None
+    skipped_in_a_row = 0  # batches skipped for a non-finite loss or gradient since the last optimizer step
     saved_step = state["step"] if source else -1
     stopped_by = stop_reason(state, cfg, steps_per_epoch, budget_s)
     model.train()
@@ -267,13 +270,18 @@ def train(
                     labels = drop_labels(labels, t_cfg.label_dropout, gen)
                     loss = diffusion_loss(model, noise_sched, images, labels, gen, t_cfg.min_snr_gamma,
                                           cfg.schedule.p_mean, cfg.schedule.p_std)
-                    if not all_finite(accelerator, loss):
-                        _non_finite(loss, state["step"] + 1, t_cfg.nan_policy, paths, note)
+                    bad = None if all_finite(accelerator, loss) else ("loss", loss)
+                    if bad is None:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            norm = clip_gradients(accelerator, model.parameters(), t_cfg.grad_clip)
+                            bad = None if all_finite(accelerator, norm) else ("gradient norm", norm)
+                    if bad is not None:
+                        skipped_in_a_row += 1
+                        state["skipped"] += 1
+                        _non_finite(*bad, state["step"] + 1, t_cfg.nan_policy, paths, note, skipped_in_a_row)
                         opt.zero_grad(set_to_none=True)
                         continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t_cfg.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 # Several processes: log the loss of the whole global batch, not rank 0's share of it.
@@ -283,6 +291,7 @@ def train(
                     continue
 
                 # An optimizer step is done: count it, and record where it leaves data and randomness.
+                skipped_in_a_row = 0
                 lr_sched.step()
                 ema.step(unwrapped.parameters())
                 state["step"] += 1
@@ -306,6 +315,8 @@ def train(
                         row = {"step": step, "epoch": state["epoch"], "loss": last_loss,
                                "lr": lr_sched.get_last_lr()[0], "images_per_s": last_ips,
                                "elapsed_s": round(state["elapsed_s"], 3)}
+                        if state["skipped"]:  # batches skipped for a non-finite loss or gradient so far
+                            row["skipped"] = state["skipped"]
                         if on_log is not None:  # e.g. compare-timesteps' fixed-noise-level probe (raw weights)
                             row.update(on_log(step, unwrapped) or {})
                         paths.log(row)
@@ -402,13 +413,16 @@ class _Window:
         self.t += seconds
 
 
-def _non_finite(loss: torch.Tensor, step: int, policy: str, paths: RunFiles, note) -> None:
-    """train.nan_policy: stop with the last good checkpoint named, or skip the batch with a note."""
-    if policy == "stop":
+def _non_finite(what: str, value: torch.Tensor, step: int, policy: str, paths: RunFiles, note, in_a_row: int) -> None:
+    """train.nan_policy: skip the batch with a note, or stop with the last good checkpoint named (at
+    once with stop; with skip after MAX_SKIPS_IN_A_ROW batches in a row, when skipping does not help)."""
+    if policy == "stop" or in_a_row >= MAX_SKIPS_IN_A_ROW:
         last = ckpt.list_checkpoints(paths.checkpoints)
         kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint yet"
-        raise IclevrError(
-            f"Loss became {loss.item()} at step {step}; {kept}. Lower train.lr, "
-            "or set train.nan_policy=skip to skip such steps."
-        )
-    note(f"non-finite loss at step {step}: batch skipped")
+        if policy == "stop":
+            raise IclevrError(f"The {what} became {value.item()} at step {step}; {kept}. Lower train.lr, "
+                              "or set train.nan_policy=skip to skip such batches.")
+        raise IclevrError(f"The {what} was non-finite in {in_a_row} batches in a row at step {step} "
+                          f"(train.nan_policy=skip skips only isolated ones); {kept}. Lower train.lr, "
+                          "or check the training images.")
+    note(f"non-finite {what} at step {step}: batch skipped")
