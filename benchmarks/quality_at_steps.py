@@ -95,6 +95,9 @@ RECIPES: dict[str, list[str]] = {
     "noise06-hflip": [*_NOISE06, "data.hflip=true"],
     # the same recipe from another training seed (init, data order, noise): the spread between runs
     "noise06-seed1": [*_NOISE06, "seed=1"],
+    # a share of the training noise levels uniform in ln(sigma) over the sampler's range: the lowest
+    # levels, where the last sampling steps remove the grain, get training the log-normal gives them not
+    "noise06-uniform02": [*_NOISE06, "schedule.p_uniform=0.2"],
 }
 
 

@@ -40,6 +40,7 @@ RECIPES = {
     "noise06-hflip": "the default with random horizontal flips of the training images",
     "noise06-seed1": "the default, another training seed (1 instead of 0)",
     "noise06-attn16": "the default + self-attention at 16x16",
+    "noise06-uniform02": "the default with 20% of its noise levels uniform in ln(sigma) over 0.002..80",
     "default": "**the default preset**",
     "default-heun": "the previous default preset, sampled with Heun (its default)",
     "default-dpm++sde": "the previous default preset, sampled with DPM-Solver++ SDE",

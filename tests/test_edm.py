@@ -503,6 +503,34 @@ def test_exported_edm_model_reloads_and_samples_identically(edm_run):
         assert not torch.equal(x, z)
 
 
+def test_p_uniform_zero_draws_the_log_normal_exactly_as_before():
+    plain = (torch.randn(64, generator=torch.Generator().manual_seed(3)) * 0.9 - 0.6).exp()
+    assert torch.equal(sample_sigmas(64, -0.6, 0.9, torch.Generator().manual_seed(3), p_uniform=0.0), plain)
+
+
+def test_p_uniform_puts_its_share_uniformly_in_log_sigma_over_the_range():
+    lo, hi = math.log(0.002), math.log(80.0)
+    flat = sample_sigmas(200_000, -0.6, 0.9, torch.Generator().manual_seed(0), 1.0, (0.002, 80.0)).log()
+    assert flat.min() >= lo and flat.max() <= hi
+    for q in (0.25, 0.5, 0.75):  # uniform in ln(sigma): its quantiles are evenly spaced
+        assert float(flat.quantile(q)) == pytest.approx(lo + q * (hi - lo), abs=0.05)
+    # A 20% share: below sigma 0.1 go 80% of the log-normal's 3.1% plus 20% of the uniform's 36.9%.
+    mixed = sample_sigmas(200_000, -0.6, 0.9, torch.Generator().manual_seed(1), 0.2, (0.002, 80.0))
+    normal_below = 0.5 * (1 + math.erf((math.log(0.1) + 0.6) / (0.9 * math.sqrt(2))))
+    expected = 0.8 * normal_below + 0.2 * (math.log(0.1) - lo) / (hi - lo)
+    assert float((mixed < 0.1).float().mean()) == pytest.approx(expected, abs=0.004)
+
+
+def test_the_training_loss_uses_p_uniform_and_the_schedulers_range(data_root):
+    """edm_loss draws with the scheduler's sigma range: at p_uniform 1 and a range far above the data,
+    the loss differs from the log-normal's under the same generator."""
+    model = tiny_edm_model(data_root)
+    y, labels = torch.zeros(4, 3, 16, 16), some_labels(4)
+    losses = [edm_loss(model, make_edm_scheduler(0.3, 10.0, 80.0), y, labels, torch.Generator().manual_seed(5),
+                       -0.6, 0.9, p) for p in (0.0, 1.0)]
+    assert torch.isfinite(losses[1]) and float(losses[0]) != float(losses[1])
+
+
 # --- 9. config validation and the seed preset -----------------------------------------------------------
 
 
@@ -514,6 +542,8 @@ def test_exported_edm_model_reloads_and_samples_identically(edm_run):
         ([*EDM, "schedule.sigma_min=80", "schedule.sigma_max=80"], "schedule.sigma_min"),
         ([*EDM, "schedule.sigma_min=10", "schedule.sigma_max=1"], "schedule.sigma_max"),
         (["schedule.formulation=ddpm", "sample.sampler=heun"], "sample.sampler"),  # DDPM has no Heun sampler
+        ([*EDM, "schedule.p_uniform=1.5"], "schedule.p_uniform"),
+        ([*EDM, "schedule.p_uniform=-0.1"], "schedule.p_uniform"),
     ],
 )
 def test_inconsistent_edm_configs_are_errors_naming_the_key(sets, key):

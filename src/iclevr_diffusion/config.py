@@ -70,6 +70,7 @@ class ScheduleConfig:
     sigma_data: float | None = None  # edm: std of the training pixels; None = measured at the start of training
     p_mean: float = -0.6  # edm: training noise levels ln(sigma) ~ N(p_mean, p_std^2) (EDM's: -1.2, 1.2)
     p_std: float = 0.9
+    p_uniform: float = 0.0  # edm: share of training noise levels uniform in ln(sigma) over sigma_min..sigma_max
     sigma_min: float = 0.002  # edm: the sampling noise range (Karras sigmas, rho 7)
     sigma_max: float = 80.0
 

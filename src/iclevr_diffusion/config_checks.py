@@ -186,6 +186,9 @@ def _validate_formulation(cfg: Config) -> None:
         raise IclevrError(f"schedule.sigma_data must be positive (or null to measure it), got {sch.sigma_data}.")
     if sch.p_std <= 0:
         raise IclevrError(f"schedule.p_std must be positive, got {sch.p_std}.")
+    if not 0 <= sch.p_uniform <= 1:
+        raise IclevrError(f"schedule.p_uniform is a share of the training noise levels: between 0 and 1, "
+                          f"got {sch.p_uniform}.")
     if not 0 < sch.sigma_min < sch.sigma_max:
         raise IclevrError(
             f"schedule.sigma_min ({sch.sigma_min}) and schedule.sigma_max ({sch.sigma_max}) must satisfy "

@@ -76,7 +76,8 @@ def tiny_pipeline(cfg: Config | None = None, train_steps: int = 20, seed: int = 
     unet.train()
     for _ in range(train_steps):
         if cfg.schedule.formulation == "edm":
-            loss = edm_loss(unet, scheduler, x0, labels, gen, cfg.schedule.p_mean, cfg.schedule.p_std)
+            loss = edm_loss(unet, scheduler, x0, labels, gen, cfg.schedule.p_mean, cfg.schedule.p_std,
+                            cfg.schedule.p_uniform)
             opt.zero_grad()
             loss.backward()
             opt.step()

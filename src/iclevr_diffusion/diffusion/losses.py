@@ -49,13 +49,14 @@ def diffusion_loss(
     min_snr_gamma: float | None = None,  # None: plain MSE (DDPM only)
     p_mean: float = -1.2,  # EDM only: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2,
+    p_uniform: float = 0.0,  # EDM only: that share of ln(sigma) uniform over the sampler's range instead
 ) -> torch.Tensor:
     """DDPM: mean squared error between the model output and the target at uniformly drawn timesteps.
     EDM (an EDM scheduler): edm.edm_loss at log-normal noise levels."""
     from iclevr_diffusion.diffusion.edm import edm_loss, is_edm
 
     if is_edm(scheduler):
-        return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std)
+        return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std, p_uniform)
     b = images.shape[0]
     device = images.device
     noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)

@@ -269,7 +269,7 @@ def train(
                 with accelerator.accumulate(model):
                     labels = drop_labels(labels, t_cfg.label_dropout, gen)
                     loss = diffusion_loss(model, noise_sched, images, labels, gen, t_cfg.min_snr_gamma,
-                                          cfg.schedule.p_mean, cfg.schedule.p_std)
+                                          cfg.schedule.p_mean, cfg.schedule.p_std, cfg.schedule.p_uniform)
                     bad = None if all_finite(accelerator, loss) else ("loss", loss)
                     if bad is None:
                         accelerator.backward(loss)
