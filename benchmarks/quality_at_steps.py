@@ -98,6 +98,8 @@ RECIPES: dict[str, list[str]] = {
     # a share of the training noise levels uniform in ln(sigma) over the sampler's range: the lowest
     # levels, where the last sampling steps remove the grain, get training the log-normal gives them not
     "noise06-uniform02": [*_NOISE06, "schedule.p_uniform=0.2"],
+    # a 32-channel residual conv head at full resolution after the 2x2 patches unfold (model.patch_head)
+    "noise06-head32": [*_NOISE06, "model.patch_head=32"],
 }
 
 

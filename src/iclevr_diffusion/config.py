@@ -52,6 +52,7 @@ class ModelConfig:
     dropout: float = 0.0  # dropout inside the resnet blocks
     mid_attention: bool = True  # self-attention in the middle block
     patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
+    patch_head: int = 0  # channels of a small residual conv head at full resolution after unpatching (0 = none)
     time_scale_shift: str = "scale_shift"  # scale_shift (AdaGN) | default (add the time+label embedding)
     num_classes: int = 24  # length of the multi-hot label vector
     # cross-attention to one token per class, per level (empty = none; model.py says why)
