@@ -44,12 +44,15 @@ def test_a_plain_unet2dmodel_plus_the_projection_predicts_what_the_toolkit_predi
     assert torch.allclose(got, expected, atol=1e-6), (got - expected).abs().max()
 
 
-@pytest.mark.parametrize("formulation,patch_size,cross,reason", [
-    ("ddpm", 2, [], "patch"), ("edm", 1, [], "EDM"), ("ddpm", 1, [False, True], "cross-attend")])
-def test_a_model_a_plain_unet_cannot_express_is_refused_in_one_line(tmp_path, formulation, patch_size, cross, reason):
+@pytest.mark.parametrize("formulation,patch_size,cross,head,reason", [
+    ("ddpm", 2, [], 0, "patch"), ("edm", 1, [], 0, "EDM"), ("ddpm", 1, [False, True], 0, "cross-attend"),
+    ("ddpm", 1, [], 8, "model.patch_head")])
+def test_a_model_a_plain_unet_cannot_express_is_refused_in_one_line(tmp_path, formulation, patch_size, cross, head,
+                                                                    reason):
     cfg = tiny_config(formulation=formulation)
     cfg.model.patch_size = patch_size
     cfg.model.cross_attention = cross
+    cfg.model.patch_head = head
     run = write_tiny_run(tmp_path / "run", cfg, train_steps=0)
     result = runner.invoke(app, ["export-unet", "-m", str(run), "-o", str(tmp_path / "plain")])
     assert result.exit_code == 1, result.output

@@ -11,6 +11,7 @@ from iclevr_diffusion.config import load_config
 from iclevr_diffusion.diffusion.losses import diffusion_loss, snr_weights, target_for
 from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
 from iclevr_diffusion.diffusion.schedule import final_alpha_bar, make_train_scheduler
+from iclevr_diffusion.errors import IclevrError
 from tiny_data import DDPM, TINY_MODEL
 
 
@@ -124,6 +125,26 @@ def test_patch_size_runs_the_unet_at_a_lower_resolution():
     assert not torch.allclose(model(y, torch.tensor([3, 7]), torch.zeros(2, 24))[..., 15, 15], out[..., 15, 15])
     with pytest.raises(ValueError, match="patch_size"):
         ConditionalUNet(sample_size=15, patch_size=2)
+
+
+def test_patch_head_starts_as_the_plain_patched_model():
+    """model.patch_head: the same weights as without it, plus a zero-initialised head, so the first
+    prediction is the patched UNet's; once the head's output conv is non-zero, it changes it."""
+    kwargs = dict(sample_size=16, block_out_channels=(8, 16), attention=(False, True), layers_per_block=1,
+                  attention_head_dim=8, norm_num_groups=4, patch_size=2)
+    torch.manual_seed(0)
+    plain = ConditionalUNet(**kwargs)
+    torch.manual_seed(0)
+    headed = ConditionalUNet(**kwargs, patch_head=8)
+    assert count_parameters(headed) - count_parameters(plain) == (6 * 9 * 8 + 8) + (8 * 9 * 3 + 3)
+    x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.zeros(2, 24)
+    with torch.no_grad():
+        assert torch.equal(headed(x, t, labels), plain(x, t, labels))
+        nn.init.normal_(headed.head[-1].weight, std=0.1)
+        changed = headed(x, t, labels) - plain(x, t, labels)
+    assert changed.abs().max() > 0 and changed.shape == x.shape
+    with pytest.raises(IclevrError, match="patch_head"):
+        load_config("default", ["model.patch_head=-1"])
 
 
 def test_cross_attention_levels_attend_to_one_token_per_class():

@@ -32,6 +32,9 @@ def plain_unet_refusal(model) -> str | None:
         p = model.config.patch_size
         return (f"its UNet runs on {p}x{p} pixel patches folded into channels (model.patch_size={p}): "
                 "a plain UNet2DModel user would have to pixel_unshuffle the input and pixel_shuffle the output")
+    if getattr(model.config, "patch_head", 0):
+        return (f"a {model.config.patch_head}-channel conv head refines its UNet's output at full resolution "
+                "(model.patch_head): a plain UNet2DModel has no such head")
     if any(getattr(model.config, "cross_attention", ())):
         return ("its blocks cross-attend to one token per class (model.cross_attention): it is a "
                 "UNet2DConditionModel, not a UNet2DModel")
