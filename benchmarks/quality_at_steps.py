@@ -100,6 +100,8 @@ RECIPES: dict[str, list[str]] = {
     "noise06-uniform02": [*_NOISE06, "schedule.p_uniform=0.2"],
     # a 32-channel residual conv head at full resolution after the 2x2 patches unfold (model.patch_head)
     "noise06-head32": [*_NOISE06, "model.patch_head=32"],
+    # the unpatched UNet from another training seed: is its per-step gain more than a second run's spread?
+    "noise06-p1-seed1": [*_NOISE06, "model.patch_size=1", "seed=1"],
 }
 
 

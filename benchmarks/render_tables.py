@@ -42,6 +42,7 @@ RECIPES = {
     "noise06-attn16": "the default + self-attention at 16x16",
     "noise06-uniform02": "the default with 20% of its noise levels uniform in ln(sigma) over 0.002..80",
     "noise06-head32": "the default + a 32-channel conv head at 64x64 after the patches unfold",
+    "noise06-p1-seed1": "the default without pixel patches, another training seed (1 instead of 0)",
     "default": "**the default preset**",
     "default-heun": "the previous default preset, sampled with Heun (its default)",
     "default-dpm++sde": "the previous default preset, sampled with DPM-Solver++ SDE",
