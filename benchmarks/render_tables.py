@@ -114,13 +114,20 @@ def source_line(path: str, data: dict, which: str = "") -> str:
     )
 
 
+def assembled_runs(data: dict) -> list[dict]:
+    """The runs of a file that assembles several under `runs`, each with its own `machine`; [] for a
+    file of one run (its `machine` at the top)."""
+    if data.get("machine"):
+        return []
+    return [r for r in data.get("runs") or [] if isinstance(r, dict) and r.get("machine")]
+
+
 def footer(files: list[tuple[str, dict]], *notes: str) -> list[str]:
-    """The notes as one paragraph, then one bullet per source file (per run, for a file that assembles
-    several runs under `runs`, each with its own `machine`)."""
+    """The notes as one paragraph, then one bullet per source file (per run, for an assembled file)."""
     notes = [n for n in notes if n]
     sources = []
     for p, d in files:
-        runs = [] if d.get("machine") else [r for r in d.get("runs") or [] if isinstance(r, dict) and r.get("machine")]
+        runs = assembled_runs(d)
         sources += [source_line(p, r, f" (run {i + 1} of {len(runs)})") for i, r in enumerate(runs)] or [
             source_line(p, d)]
     return ["", *notes, *([""] if notes else []), *[f"- {line}" for line in sources]]

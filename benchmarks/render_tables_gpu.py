@@ -3,12 +3,12 @@ See render_tables.py."""
 
 from __future__ import annotations
 
-from render_tables import NOT_RECORDED, footer, num, table
+from render_tables import NOT_RECORDED, assembled_runs, footer, num, table
 
 
 def _runs(files) -> list[dict]:
     """Every GPU run in the files: a gpu_check.json is one run, an assembled file lists several under `runs`."""
-    return [run for _, d in files for run in (d["runs"] if "runs" in d and "throughput" not in d else [d])]
+    return [run for _, d in files for run in (assembled_runs(d) or [d])]
 
 
 def _gpu(runs: list[dict]) -> str:

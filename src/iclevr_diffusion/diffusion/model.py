@@ -14,7 +14,7 @@ Training at 32x32 and upscaling is not the same: blurred upscales cost the evalu
 convolutions (the unfolded prediction and the network's input -> C -> 3 channels, the second zero-
 initialised, so training starts from the plain patched model). Each output pixel of a patched UNet comes
 from one 32x32 position, so nothing ties a pixel to its neighbours in the next patch: the grain on the
-floors and objects of patched models. The head sees across patch borders for about 5% more compute.
+floors and objects of patched models. The head sees across patch borders (two small convs).
 
 `time_scale_shift="scale_shift"` makes every resnet block modulate its normalised features with a
 scale and shift from the time + label embedding (AdaGN, Dhariwal & Nichol 2021) instead of adding it.
