@@ -102,6 +102,18 @@ RECIPES: dict[str, list[str]] = {
     "noise06-head32": [*_NOISE06, "model.patch_head=32"],
     # the unpatched UNet from another training seed: is its per-step gain more than a second run's spread?
     "noise06-p1-seed1": [*_NOISE06, "model.patch_size=1", "seed=1"],
+    # fp32 training instead of the bf16 autocast "auto" picks on a bf16 CPU: does bf16 cost learning per step?
+    "noise06-fp32": [*_NOISE06, "train.mixed_precision=no"],
+    # 2x2 patches in and out by a strided 4x4 convolution and its transpose instead of folding: each
+    # pixel is drawn from the four UNet positions around it, not one (against the patches' grain)
+    "noise06-overlap": [*_NOISE06, "model.patch_embed=overlap"],
+    # the loss weighted per pixel by how far it stands out of the floor (train.foreground_weight)
+    "noise06-fg3": [*_NOISE06, "train.foreground_weight=3"],
+    # a 1.5x higher peak learning rate (2e-3 was chosen on EDM's noise levels, before they moved)
+    "noise06-lr3e-3": [*_NOISE06, "train.lr=0.003"],
+    # the default trained once with three more averages beside its own EMA, over the last 5%, 25% and 50%
+    # of the steps (benchmarks/ema_lengths.py scores them)
+    "noise06-emas": [*_NOISE06, "train.extra_ema_lengths=[0.05,0.25,0.5]"],
 }
 
 

@@ -43,6 +43,7 @@ KINDS = {
         current.main_job,
         current.readme_quality,
         current.sampler_agreement,
+        current.ema_lengths,
         current.train_speed,
         current.render_speed,
         current.evaluator_speed,

@@ -43,6 +43,11 @@ RECIPES = {
     "noise06-uniform02": "the default with 20% of its noise levels uniform in ln(sigma) over 0.002..80",
     "noise06-head32": "the default + a 32-channel conv head at 64x64 after the patches unfold",
     "noise06-p1-seed1": "the default without pixel patches, another training seed (1 instead of 0)",
+    "noise06-fp32": "the default trained in fp32 instead of bf16 autocast",
+    "noise06-overlap": "the default with overlapping patch convolutions (4x4 at stride 2 in, its transpose out)",
+    "noise06-fg3": "the default with its loss weighted towards pixels off the floor (foreground_weight 3)",
+    "noise06-lr3e-3": "the default with peak learning rate 3e-3 instead of 2e-3",
+    "noise06-emas": "the default, with three more EMA lengths kept beside its own",
     "default": "**the default preset**",
     "default-heun": "the previous default preset, sampled with Heun (its default)",
     "default-dpm++sde": "the previous default preset, sampled with DPM-Solver++ SDE",
@@ -154,6 +159,8 @@ def quality_at_steps(files, opts):
     rows = [r for _, d in files for r in d["rows"]]
     if opts.get("recipes"):
         rows = [r for r in rows if r.get(group, r["recipe"]) in opts["recipes"].split(",")]
+    if opts.get("steps"):  # only these step counts
+        rows = [r for r in rows if str(r["steps"]) in opts["steps"].split(",")]
     splits = list(dict.fromkeys(r["split"] for r in rows))
     batch = next((d["batch_size"] for _, d in files if d.get("batch_size")), None)
     cells: dict[tuple, dict] = {}
@@ -310,6 +317,37 @@ def sampler_agreement(files, opts):
         ]
     model = f"Model: `{d.get('model_dir', d.get('model', NOT_RECORDED))}`. Accuracy: test + new_test pooled."
     return lines + footer(files, model, SPREAD)
+
+
+def _ema_label(row: dict) -> str:
+    """A row of benchmarks/ema_lengths.py by its kind ("ema_decay 0.999", "share 0.25", "raw")."""
+    what, _, value = row.get("kind", "").partition(" ")
+    if what == "ema_decay":
+        return (f"the default's EMA (`ema_decay` {value}, warmed up: the last ~11% of the steps, at most "
+                f"{1 / (1 - float(value)):,.0f} steps)")
+    if what == "share":
+        return f"EMA over the last {100 * float(value):g}% of the steps"
+    return "raw weights (last checkpoint)" if what == "raw" else row["weights"]
+
+
+def ema_lengths(files, opts):
+    """benchmarks/ema_lengths.py: every EMA length (and the raw weights) of one run, scored on one split;
+    one column per file (its run's step count)."""
+    columns = [(d["steps"], {_ema_label(r): r for r in d["rows"]}) for _, d in files]
+    labels = list(dict.fromkeys(_ema_label(r) for _, d in files for r in d["rows"]))
+    best = {steps: max(r["mean"] for r in rows.values()) for steps, rows in columns}
+    out = []
+    for label in labels:
+        cells = []
+        for steps, rows in columns:
+            r = rows.get(label)
+            cell = acc(r["mean"], r["spread"]) if r else "-"
+            cells.append(f"**{cell}**" if r and r["mean"] == best[steps] else cell)
+        out.append([label, *cells])
+    split = files[0][1]["rows"][0]["split"]
+    header = ["weights", *(f"{split} after {num(steps)} steps" for steps, _ in columns)]
+    note = f"{SPREAD} {seeds_and_conditions([r for _, d in files for r in d['rows']])} Bold: the best per column."
+    return table(header, out, set(range(1, len(columns) + 1))) + footer(files, note)
 
 
 def train_speed(files, opts):

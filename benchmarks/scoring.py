@@ -55,7 +55,7 @@ def is_default_recipe(cfg) -> bool:
     mine, shipped = cfg.to_dict(), load_config("default").to_dict()
     mine["schedule"]["sigma_data"] = shipped["schedule"]["sigma_data"]
     for d in (mine, shipped):
-        for key in ("max_steps", "max_minutes", "epochs", "snapshot_minutes"):
+        for key in ("max_steps", "max_minutes", "epochs", "snapshot_minutes", "extra_ema_lengths"):
             d["train"].pop(key)
         for key in ("root", "images", "num_workers"):  # where the data is and how it is read, not what
             d["data"].pop(key)

@@ -174,3 +174,10 @@ def test_only_the_shipped_config_is_called_default_in_results_files():
     assert not is_default_recipe(load_config("default", ["data.hflip=true"]))
     assert not is_default_recipe(load_config("default", ["data.synthetic_scenes=100"]))
     assert not is_default_recipe(load_config("default", ["schedule.p_mean=-1.2"]))
+
+
+def test_ema_lengths(tmp_path):
+    """The run's main EMA, each extra EMA (by share, ascending) and the raw weights, each scored."""
+    data = smoke("ema_lengths.py", tmp_path)
+    assert [r["kind"] for r in data["rows"]] == ["ema_decay 0.999", "share 0.25", "share 0.5", "raw"]
+    assert all(0 <= r["mean"] <= 100 and len(r["seeds"]) == 2 for r in data["rows"]) and data["steps"] == 3

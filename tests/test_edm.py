@@ -33,7 +33,7 @@ from iclevr_diffusion.diffusion.edm import (
     make_edm_scheduler,
     sample_sigmas,
 )
-from iclevr_diffusion.diffusion.losses import diffusion_loss
+from iclevr_diffusion.diffusion.losses import diffusion_loss, foreground_weights
 from iclevr_diffusion.diffusion.model import ConditionalUNet
 from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
 from iclevr_diffusion.diffusion.schedule import make_train_scheduler
@@ -529,6 +529,25 @@ def test_the_training_loss_uses_p_uniform_and_the_schedulers_range(data_root):
     losses = [edm_loss(model, make_edm_scheduler(0.3, 10.0, 80.0), y, labels, torch.Generator().manual_seed(5),
                        -0.6, 0.9, p) for p in (0.0, 1.0)]
     assert torch.isfinite(losses[1]) and float(losses[0]) != float(losses[1])
+
+
+def test_foreground_weights_put_more_of_the_loss_on_pixels_off_the_floor(data_root):
+    """train.foreground_weight: per pixel 1 + w * |pixel - median colour|, averaging 1 per image; at 0 the
+    loss is the plain one, above 0 the same draws give another, finite loss."""
+    y = torch.full((2, 3, 16, 16), -0.2)
+    y[:, 0, 4:8, 4:8] = 0.9  # a red block on a gray floor
+    w = foreground_weights(y, 3.0)
+    assert w.shape == (2, 1, 16, 16) and torch.allclose(w.mean(dim=(2, 3)), torch.ones(2, 1))
+    assert float(w[0, 0, 5, 5]) == pytest.approx(float(w[0, 0, 0, 0]) * (1 + 3 * 1.1), rel=1e-5)
+    model = tiny_edm_model(data_root).eval()
+    sched, labels = make_edm_scheduler(0.3), some_labels(2)
+    with torch.no_grad():
+        plain, zero, weighted = (
+            edm_loss(model, sched, y, labels, torch.Generator().manual_seed(4), -0.6, 0.9,
+                     **({} if fw is None else {"foreground_weight": fw})) for fw in (None, 0.0, 3.0))
+    assert float(zero) == float(plain) and torch.isfinite(weighted) and float(weighted) != float(plain)
+    with pytest.raises(IclevrError, match=r"train\.foreground_weight"):
+        load_config("default", ["train.foreground_weight=-1"])
 
 
 # --- 9. config validation and the seed preset -----------------------------------------------------------

@@ -147,6 +147,29 @@ def test_patch_head_starts_as_the_plain_patched_model():
         load_config("default", ["model.patch_head=-1"])
 
 
+def test_overlapping_patches_draw_each_pixel_from_the_positions_around_it(tmp_path):
+    """model.patch_embed=overlap: a strided 2p x 2p conv in and its transpose out instead of folding;
+    the UNet still runs at 1/p resolution, and a bad value is refused with a one-line message."""
+    kwargs = dict(sample_size=16, block_out_channels=(8, 16), attention=(False, True), layers_per_block=1,
+                  attention_head_dim=8, norm_num_groups=4, patch_size=2)
+    model = ConditionalUNet(**kwargs, patch_embed="overlap")
+    conv_in, conv_out = model.unet.conv_in, model.unet.conv_out
+    assert (conv_in.in_channels, conv_in.kernel_size, conv_in.stride) == (3, (4, 4), (2, 2))
+    assert isinstance(conv_out, nn.ConvTranspose2d) and conv_out.out_channels == 3 and conv_out.stride == (2, 2)
+    x, t, labels = torch.randn(2, 3, 16, 16), torch.tensor([3, 7]), torch.zeros(2, 24)
+    out = model(x, t, labels)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    model.save_pretrained(tmp_path)  # the config names the convs: a saved model reloads with its weights
+    assert torch.equal(ConditionalUNet.from_pretrained(tmp_path)(x, t, labels), out)
+    # The last conv alone: pixel (1, 1) sits in patch (0, 0) but takes features of patch (1, 1) too.
+    features = torch.zeros(1, 8, 8, 8)
+    features[0, :, 1, 1] = 1
+    with torch.no_grad():
+        assert conv_out(features)[0, :, 1, 1].abs().sum() > 0
+    with pytest.raises(IclevrError, match="patch_embed"):
+        load_config("default", ["model.patch_embed=shuffle"])
+
+
 def test_cross_attention_levels_attend_to_one_token_per_class():
     cfg = load_config("default", [*TINY_MODEL, "model.attention=[false, true]", "model.cross_attention=[true, true]"])
     model = ConditionalUNet.from_run_config(cfg)

@@ -236,3 +236,38 @@ def test_gpu_tables_show_every_run_and_a_stopped_run_with_its_error(tmp_path):
     assert "`results/nan.json` (run 2 of 2); command: `python benchmarks/quality_at_steps.py --seeds 2`; commit: c1;" \
         in text
     assert "GPU: Test GPU; torch 2.0+cpu" in text
+
+
+def test_ema_lengths_table_has_a_column_per_run_and_bolds_the_best(tmp_path):
+    """benchmarks/ema_lengths.py files: one row per kept average, one column per run's step count, the best
+    of each column in bold, a length one run lacks as '-'."""
+    def result(steps, means):
+        rows = [{"weights": w, "ema_decay": d, "split": "val", "conditions": 261, "mean": m, "spread": 0.5,
+                 "seeds": [m - 0.5, m + 0.5]} for (w, d), m in zip(
+                     [("EMA 0.999 (model/)", 0.999), ("EMA 0.9998", 0.9998), ("raw weights (last checkpoint)", None)],
+                     means)]
+        return {"benchmark": "ema_lengths", "machine": MACHINE, "steps": steps, "rows": rows[:len(means)]}
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.json").write_text(json.dumps(result(1150, [53.3, 50.1, 52.0])))
+    (tmp_path / "results" / "b.json").write_text(json.dumps(result(5200, [66.1, 67.2])))
+    doc = tmp_path / "DOC.md"
+    doc.write_text("<!-- render:ema_lengths results/a.json results/b.json -->\n<!-- /render -->\n")
+    assert cli(doc).returncode == 0
+    text = doc.read_text()
+    assert "| weights | val after 1,150 steps | val after 5,200 steps |" in text
+    assert "| EMA 0.999 (model/) | **53.3% ± 0.5** | 66.1% ± 0.5 |" in text
+    assert "| EMA 0.9998 | 50.1% ± 0.5 | **67.2% ± 0.5** |" in text
+    assert "| raw weights (last checkpoint) | 52.0% ± 0.5 | - |" in text
+    assert "Seeds: 2. Conditions per split: val 261." in text
+    # Rows with a kind are labelled by it: the default's EMA, a share of the steps, the raw weights.
+    kinds = result(1150, [53.3, 50.1, 52.0])
+    for row, kind in zip(kinds["rows"], ("ema_decay 0.999", "share 0.25", "raw")):
+        row["kind"] = kind
+    (tmp_path / "results" / "a.json").write_text(json.dumps(kinds))
+    doc.write_text("<!-- render:ema_lengths results/a.json -->\n<!-- /render -->\n")
+    assert cli(doc).returncode == 0
+    text = doc.read_text()
+    assert "| the default's EMA (`ema_decay` 0.999, warmed up: the last ~11% of the steps, at most 1,000 steps) |" \
+        in text
+    assert "| EMA over the last 25% of the steps | 50.1% ± 0.5 |" in text

@@ -337,6 +337,52 @@ def test_snapshots_export_the_ema_model_once_per_mark(data_root, tmp_path):
         tiny_cfg(data_root, "train.snapshot_minutes=[0]")
 
 
+def test_extra_emas_are_exported_beside_the_model_and_resume_exactly(data_root, tmp_path):
+    """train.extra_ema_lengths: each an average over a share of the steps so far, exported to ema/<share>/
+    and kept in the checkpoints, so an interrupted run resumes it exactly; the main EMA is unchanged by them."""
+    sets = ("train.max_steps=6", "train.extra_ema_lengths=[0.25, 1]", "train.checkpoint_every=1",
+            "train.keep_checkpoints=10")
+    straight = tmp_path / "a"
+    train(tiny_cfg(data_root, *sets), straight)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(data_root, *sets), tmp_path / "b", interrupt_after=3)
+    train(tiny_cfg(data_root, *sets), tmp_path / "b")
+    assert_bit_identical(straight, tmp_path / "b")
+    states = [ckpt.load(p) for p in ckpt.list_checkpoints(straight / "checkpoints")]
+    last, resumed = states[-1], ckpt.load(ckpt.list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
+    assert len(states) == 6 and sorted(last["extra_ema"]) == ["0.25", "1"]
+    for share in ("0.25", "1"):
+        assert all(torch.equal(x, y) for x, y in zip(last["extra_ema"][share], resumed["extra_ema"][share]))
+    # Share 1 averages the weights after every step alike (decay 1 - 1 / t at step t + 1): their plain mean.
+    from iclevr_diffusion.diffusion.sampling import load_pipeline
+
+    exported = {name: load_pipeline(straight / name, device="cpu")[0].unet.state_dict()
+                for name in ("model", "ema/0.25", "ema/1")}
+    for key, value in exported["ema/1"].items():
+        assert torch.allclose(value, torch.stack([st["model"][key] for st in states]).mean(0), atol=1e-6), key
+    key = next(iter(exported["model"]))
+    assert not torch.equal(exported["ema/0.25"][key], exported["ema/1"][key])
+    assert not torch.equal(exported["model"][key], exported["ema/0.25"][key])
+    without = tmp_path / "c"  # the same run without extras: the main EMA is the same
+    train(tiny_cfg(data_root, "train.max_steps=6"), without)
+    assert all(torch.equal(x, y) for x, y in zip(ckpt.load(ckpt.list_checkpoints(without / "checkpoints")[-1])["ema"],
+                                                  last["ema"]))
+    with pytest.raises(IclevrError, match="extra_ema_lengths"):
+        tiny_cfg(data_root, "train.extra_ema_lengths=[1.5]")
+
+
+def test_an_extra_ema_added_on_resuming_starts_from_the_main_ema(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(data_root, "train.max_steps=2"), run)
+    notes = []
+    train(tiny_cfg(data_root, "train.max_steps=3", "train.extra_ema_lengths=[0.25]"), run,
+          progress=lambda e, **i: notes.append(i.get("message", "")))
+    assert any("EMA 0.25 is not in checkpoint step_000002" in n for n in notes)
+    assert (run / "ema" / "0.25" / "model_index.json").is_file()
+    extra = ckpt.load(ckpt.list_checkpoints(run / "checkpoints")[-1])
+    assert "0.25" in extra["extra_ema"] and extra["state"]["extra_ema"]["0.25"]["inv_gamma"] == 4.0
+
+
 def test_ctrl_c_right_after_an_optimizer_update_still_resumes_exactly(data_root, tmp_path):
     # SIGINT lands just after AdamW's 4th update, before the loop counts step 4: the checkpoint must
     # still hold weights and step that agree (the loop acts on Ctrl-C only at a step boundary).

@@ -53,6 +53,9 @@ class ModelConfig:
     mid_attention: bool = True  # self-attention in the middle block
     patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
     patch_head: int = 0  # channels of a small residual conv head at full resolution after unpatching (0 = none)
+    # how patches enter and leave the UNet: fold (pixel_unshuffle / pixel_shuffle) | overlap (a strided
+    # 2p x 2p convolution in, its transpose out: neighbouring patches share pixels; model.py)
+    patch_embed: str = "fold"
     time_scale_shift: str = "scale_shift"  # scale_shift (AdaGN) | default (add the time+label embedding)
     num_classes: int = 24  # length of the multi-hot label vector
     # cross-attention to one token per class, per level (empty = none; model.py says why)
@@ -88,10 +91,20 @@ class TrainConfig:
     max_minutes: float | None = 14.0  # ... or after this much wall-clock time, whichever comes first
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    ema_decay: float = 0.999  # EMA of the weights; the EMA model is what gets exported
+    # EMA of the weights; the EMA model is what gets exported. diffusers' EMAModel warms it up as
+    # min(ema_decay, (1 + t) / (10 + t)) at step t: an average over about the last 11% of the steps until
+    # t = 9 / (1 - ema_decay) (9,000 steps for 0.999), a fixed window of 1 / (1 - ema_decay) steps after.
+    ema_decay: float = 0.999
+    # further averages of the same run, each over the last share s of the steps so far (decay
+    # 1 - 1 / (1 + s t) at step t, EDM2's growing EMA), exported to RUN/ema/<s>/ beside model/: the
+    # averaging length is then chosen after training, on validation conditions. E.g. [0.05, 0.25].
+    extra_ema_lengths: list[float] = field(default_factory=list)
     mixed_precision: str = "auto"  # auto (CPU: bf16 if timed faster; CUDA: bf16, else fp16) | no | bf16 | fp16
     label_dropout: float = 0.1  # probability of the null label, for classifier-free guidance
     min_snr_gamma: float | None = None  # DDPM only: min-SNR loss weighting (5 is the paper's value); None = off
+    # per-pixel loss weight 1 + w * |pixel - the image's median colour|, renormalised (losses.py): more of
+    # each step on the objects, less on the gray floor; 0 = off
+    foreground_weight: float = 0.0
     log_every: int = 25  # steps between metrics.jsonl lines
     sample_every: int = 800  # steps between sample grids (0 = none during training, one at the end)
     checkpoint_every: int = 500  # steps between training-state checkpoints (0 = only at the end and on Ctrl-C)

@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.prediction_type": ("epsilon", "v_prediction"),
     "schedule.formulation": ("ddpm", "edm"),
     "model.time_scale_shift": ("default", "scale_shift"),
+    "model.patch_embed": ("fold", "overlap"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
 }
@@ -83,7 +84,8 @@ RANGES = {
                  "schedule.num_train_timesteps", "sample.steps", "sample.batch_size", "eval.seeds", "data.image_size",
                  "data.synthetic_scenes", "model.layers_per_block", "model.attention_head_dim", "model.norm_num_groups",
                  "model.patch_size", "model.num_classes"),
-    "0 or more": ("seed", "model.patch_head", "data.num_workers", "train.weight_decay", "train.warmup_steps",
+    "0 or more": ("seed", "model.patch_head", "train.foreground_weight", "data.num_workers", "train.weight_decay",
+                  "train.warmup_steps",
                   "train.grad_clip", "train.sample_every", "train.checkpoint_every", "train.eval_every",
                   "sample.guidance_scale"),
     "in [0, 1)": ("model.dropout", "train.label_dropout", "train.ema_decay"),
@@ -120,6 +122,10 @@ def _validate_ranges(cfg: Config) -> None:
     m = cfg.model
     if not m.block_out_channels or any(c <= 0 for c in m.block_out_channels):
         raise IclevrError(f"model.block_out_channels must be positive channel counts, got {m.block_out_channels}.")
+    shares = cfg.train.extra_ema_lengths
+    if any(not 0 < s <= 1 for s in shares) or len(set(shares)) != len(shares):
+        raise IclevrError(f"train.extra_ema_lengths must be distinct shares of the steps in (0, 1], e.g. "
+                          f"[0.05, 0.25]; got {shares}.")
     if any(x <= 0 for x in cfg.train.snapshot_minutes):
         raise IclevrError(f"train.snapshot_minutes must be positive minutes, got {cfg.train.snapshot_minutes}.")
 

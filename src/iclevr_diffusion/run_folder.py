@@ -8,6 +8,7 @@
         samples/step_N.png    the fixed-seed sample grid
         model/                the exported EMA model (diffusers folder + run_config.yaml)
         snapshots/<M>min/     exports at train.snapshot_minutes
+        ema/<share>/          exports of the train.extra_ema_lengths EMAs (the same run, other averaging lengths)
         eval.jsonl, best/     accuracy during training (train.eval_every) and the best export so far
         DONE.json             written by compare-timesteps when a run has finished
 
@@ -34,6 +35,7 @@ EVAL_LOG = "eval.jsonl"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 SNAPSHOTS = "snapshots"
+EXTRA_EMAS = "ema"
 DONE = "DONE.json"
 
 
@@ -115,6 +117,10 @@ class RunFolder:
 
     def snapshot(self, minutes: float) -> Path:
         return self.snapshots / snapshot_name(minutes)
+
+    def extra_ema(self, share: float) -> Path:
+        """The export of the run's EMA over this share of the steps (train.extra_ema_lengths)."""
+        return self.root / EXTRA_EMAS / f"{share:g}"
 
     def has_model(self) -> bool:
         return (self.model / MODEL_INDEX).is_file()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 
@@ -113,9 +112,12 @@ def edm_loss(
     p_mean: float = -1.2,  # mean of ln(sigma)
     p_std: float = 1.2,  # standard deviation of ln(sigma)
     p_uniform: float = 0.0,  # share of noise levels uniform in ln(sigma) over the scheduler's range
+    foreground_weight: float = 0.0,  # extra weight of pixels that stand out of the floor (losses.py)
 ) -> torch.Tensor:
     """lambda(sigma) * ||D(y + sigma n; sigma) - y||^2, computed as the equal, better-conditioned
     ||F - (y - c_skip x) / c_out||^2 (lambda * c_out^2 = 1)."""
+    from iclevr_diffusion.diffusion.losses import weighted_mse
+
     sd = float(scheduler.config.sigma_data)
     device = images.device
     sigma_range = (float(scheduler.config.sigma_min), float(scheduler.config.sigma_max))
@@ -132,7 +134,7 @@ def edm_loss(
         extra = {"previous_estimate": first / sd}
     out = model(c_in(s, sd) * noisy, c_noise(sigma), labels, **extra).float()
     target = (images - c_skip(s, sd) * noisy) / c_out(s, sd)
-    return F.mse_loss(out, target.float())
+    return weighted_mse(out, target.float(), images, foreground_weight)
 
 
 def _self_conditioned(model) -> bool:

@@ -8,7 +8,6 @@ checkpoint and resumed exactly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
@@ -50,13 +49,14 @@ def diffusion_loss(
     p_mean: float = -1.2,  # EDM only: ln(sigma) ~ N(p_mean, p_std^2)
     p_std: float = 1.2,
     p_uniform: float = 0.0,  # EDM only: that share of ln(sigma) uniform over the sampler's range instead
+    foreground_weight: float = 0.0,  # extra weight of pixels that stand out of the floor (weighted_mse)
 ) -> torch.Tensor:
     """DDPM: mean squared error between the model output and the target at uniformly drawn timesteps.
     EDM (an EDM scheduler): edm.edm_loss at log-normal noise levels."""
     from iclevr_diffusion.diffusion.edm import edm_loss, is_edm
 
     if is_edm(scheduler):
-        return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std, p_uniform)
+        return edm_loss(model, scheduler, images, labels, generator, p_mean, p_std, p_uniform, foreground_weight)
     b = images.shape[0]
     device = images.device
     noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)
@@ -65,6 +65,25 @@ def diffusion_loss(
     pred = model(noisy, t, labels).float()
     target = target_for(scheduler, images, noise, t).float()
     if min_snr_gamma is None:
-        return F.mse_loss(pred, target)
-    per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        return weighted_mse(pred, target, images, foreground_weight)
+    per_image = weighted_mse(pred, target, images, foreground_weight, per_image=True)
     return (per_image * snr_weights(scheduler, t, min_snr_gamma).to(device)).mean()
+
+
+def foreground_weights(images: torch.Tensor, weight: float) -> torch.Tensor:
+    """(B, 1, S, S) per-pixel loss weights 1 + weight * |pixel - the image's median colour| (summed over
+    R, G, B): an i-CLEVR scene is mostly gray floor, its median; objects stand out by 1-2 (in [-1, 1]),
+    the floor's shading by about 0.1. Every image's weights average 1, so only their balance changes."""
+    median = images.flatten(2).median(dim=2).values[:, :, None, None]
+    w = 1 + weight * (images - median).abs().sum(dim=1, keepdim=True)
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, images: torch.Tensor, foreground_weight: float = 0.0,
+                 per_image: bool = False) -> torch.Tensor:
+    """Mean squared error, with foreground_weight > 0 weighted per pixel by foreground_weights(images);
+    per_image: one value per image (B,) instead of the batch mean."""
+    err = (pred - target) ** 2
+    if foreground_weight > 0:
+        err = err * foreground_weights(images.float(), foreground_weight)
+    return err.mean(dim=(1, 2, 3)) if per_image else err.mean()

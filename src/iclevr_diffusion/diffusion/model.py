@@ -16,6 +16,11 @@ initialised, so training starts from the plain patched model). Each output pixel
 from one 32x32 position, so nothing ties a pixel to its neighbours in the next patch: the grain on the
 floors and objects of patched models. The head sees across patch borders (two small convs).
 
+`patch_embed="overlap"` replaces the folding by the UNet's own first and last convolutions made 2p x 2p
+at stride p (in) and its transpose (out): each UNet position sees its patch and half of each neighbour,
+and every output pixel is drawn from the 2x2 positions around it rather than from one. It learned as
+much per step as folding and left the same grain (BENCHMARKS.md), so the grain is not the patch borders.
+
 `time_scale_shift="scale_shift"` makes every resnet block modulate its normalised features with a
 scale and shift from the time + label embedding (AdaGN, Dhariwal & Nichol 2021) instead of adding it.
 `timestep_scale` multiplies the timestep the scheduler passes (EDM's c_noise = ln(sigma) / 4) before
@@ -73,16 +78,21 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         cross_attention: tuple[bool, ...] = (),
         self_condition: bool = False,
         patch_head: int = 0,
+        patch_embed: str = "fold",
     ):
         super().__init__()
         if len(attention) != len(block_out_channels):
             raise ValueError("attention needs one flag per entry of block_out_channels")
         if patch_size < 1 or sample_size % patch_size:
             raise ValueError(f"patch_size {patch_size} must be a positive divisor of sample_size {sample_size}")
+        if patch_embed not in ("fold", "overlap"):
+            raise ValueError(f"patch_embed must be 'fold' or 'overlap', got {patch_embed!r}")
+        in_ch = 6 if self_condition else 3
+        folds = patch_size if patch_embed == "fold" else 1  # overlap: the UNet's own convs take the pixels
         common = dict(
             sample_size=sample_size // patch_size,
-            in_channels=(6 if self_condition else 3) * patch_size**2,
-            out_channels=3 * patch_size**2,
+            in_channels=in_ch * folds**2,
+            out_channels=3 * folds**2,
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
@@ -103,10 +113,15 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                 attention_head_dim=attention_head_dim,
                 add_attention=mid_attention,
             )
+        if patch_embed == "overlap" and patch_size > 1:
+            # A 2p x 2p kernel at stride p: every UNet position sees its patch and half of each neighbour,
+            # and (transposed, out) every pixel is drawn from the 2x2 positions around it.
+            k, pad, width = 2 * patch_size, patch_size // 2, block_out_channels[0]
+            self.unet.conv_in = nn.Conv2d(in_ch, width, k, stride=patch_size, padding=pad)
+            self.unet.conv_out = nn.ConvTranspose2d(width, 3, k, stride=patch_size, padding=pad)
         time_embed_dim = block_out_channels[0] * 4  # UNet2DModel's positional time embedding width
         self.label_proj = nn.Linear(num_classes, time_embed_dim)
         if patch_head > 0:  # built last: the other weights initialise as without it
-            in_ch = 6 if self_condition else 3
             self.head = nn.Sequential(nn.Conv2d(3 + in_ch, patch_head, 3, padding=1), nn.SiLU(),
                                       nn.Conv2d(patch_head, 3, 3, padding=1))
             nn.init.zeros_(self.head[-1].weight)
@@ -131,6 +146,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             cross_attention=tuple(m.cross_attention),
             self_condition=m.self_condition,
             patch_head=m.patch_head,
+            patch_embed=m.patch_embed,
         )
 
     def forward(
@@ -149,7 +165,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             timestep = torch.as_tensor(timestep, device=sample.device) * self.config.timestep_scale
         extra = {"encoder_hidden_states": self.label_tokens(labels)} if hasattr(self, "label_tokens") else {}
         p = self.config.patch_size
-        if p == 1:
+        if p == 1 or self.config.patch_embed == "overlap":
             out = self.unet(sample, timestep, class_labels=emb, **extra).sample
         else:
             folded = self.unet(F.pixel_unshuffle(sample, p), timestep, class_labels=emb, **extra).sample

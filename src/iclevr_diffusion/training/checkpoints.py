@@ -3,6 +3,7 @@
     checkpoints/step_000500/
         model.safetensors   raw (non-EMA) weights
         ema.safetensors     EMA shadow weights, in parameter order
+        ema-<share>.safetensors   the same for each of train.extra_ema_lengths
         optimizer.pt        AdamW state            (tensors and numbers only)
         state.pt            step, epoch, data position, lr schedule, EMA counters, elapsed time
         rng_0.pt ...        each process's random states
@@ -76,12 +77,15 @@ def finish(
     state: dict[str, Any],
     config_yaml: str,
     keep: int,
+    extra_emas: dict[str, list[torch.Tensor]] | None = None,  # share ("0.25") -> shadow weights
 ) -> Path:
     """Write the main process's files into `tmp`, rename it to step_XXXXXX and prune to the last `keep`."""
     final = tmp.parent / step_dir_name(step)
     try:
         _save_tensors(model_state, tmp / "model.safetensors")
         _save_tensors({str(i): p for i, p in enumerate(ema_params)}, tmp / "ema.safetensors")
+        for share, params in (extra_emas or {}).items():
+            _save_tensors({str(i): p for i, p in enumerate(params)}, tmp / f"ema-{share}.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
         (tmp / CONFIG).write_text(config_yaml)
@@ -131,11 +135,16 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
     if missing:
         raise IclevrError(f"Checkpoint {path} is incomplete: {', '.join(missing)} missing.")
     ema = load_file(str(path / "ema.safetensors"))
+    extra = {}
+    for f in sorted(path.glob("ema-*.safetensors")):
+        tensors = load_file(str(f))
+        extra[f.name[len("ema-"):-len(".safetensors")]] = [tensors[str(i)] for i in range(len(tensors))]
     rng_file = path / f"rng_{rank}.pt"
     return {
         "path": path,
         "model": load_file(str(path / "model.safetensors")),
         "ema": [ema[str(i)] for i in range(len(ema))],
+        "extra_ema": extra,
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
         "state": torch.load(path / "state.pt", weights_only=True, map_location="cpu"),
         # A run resumed with more processes than it was saved with gets fresh RNG on the new ranks.

@@ -34,13 +34,15 @@ from iclevr_diffusion.training import checkpoints as ckpt
 from iclevr_diffusion.training.agreement import DeferredSigint, agree, agree_stop, all_finite, clip_gradients
 from iclevr_diffusion.training.batches import BatchOrder, augment, batches, build_dataset, micro_batch
 from iclevr_diffusion.training.horizon import HorizonPlanner, apply_lr, eta, known_horizon, stop_reason, with_horizon
-from iclevr_diffusion.training.resume import check_compatible, resume_candidates, with_sigma_data
+from iclevr_diffusion.training.resume import check_compatible, resume_candidates, resume_extra_emas, with_sigma_data
 from iclevr_diffusion.training.run_outputs import (
     RunFiles,
     due_snapshots,
+    ema_counters,
     ema_weights,
     evaluate_hook,
     export_model,
+    growing_ema,
     sample_images,
 )
 
@@ -165,10 +167,13 @@ def train(
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "elapsed_s": 0.0, "horizon": horizon, "skipped": 0}
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise, timesteps, label dropout, flips
     ema = EMAModel(model.parameters(), decay=t_cfg.ema_decay, model_cls=ConditionalUNet, model_config=model.config)
+    # Further EMAs (train.extra_ema_lengths), by share as written in folder names: "0.25".
+    extras = {f"{s:g}": growing_ema(model, s) for s in t_cfg.extra_ema_lengths}
     if source is not None:
         model.load_state_dict(source["model"])
         opt.load_state_dict(source["optimizer"])
         ema.load_state_dict({**source["state"]["ema"], "shadow_params": source["ema"]})
+        resume_extra_emas(extras, source, note)
         state.update({k: source["state"][k] for k in ("step", "epoch", "batch", "elapsed_s", "horizon")})
         state["skipped"] = source["state"].get("skipped", 0)  # absent in checkpoints of earlier versions
         # A longer run resumed (raised max_steps/epochs) gets the new horizon.
@@ -180,6 +185,8 @@ def train(
         apply_lr(lr_sched, opt)
     model, opt = accelerator.prepare(model, opt)
     ema.to(accelerator.device)
+    for extra in extras.values():
+        extra.to(accelerator.device)
     cfg = with_sigma_data(cfg, source, data, note)  # EDM: measured once, then kept in config and checkpoints
     noise_sched = make_train_scheduler(cfg.schedule)
     unwrapped = accelerator.unwrap_model(model)
@@ -198,15 +205,21 @@ def train(
         accelerator.wait_for_everyone()
         path = tmp
         if main:
-            ema_state = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
             full_state = {**state, **at_step["pos"], "mixed_precision": mp, "lr_scheduler": lr_sched.state_dict(),
-                          "ema": ema_state}
+                          "ema": ema_counters(ema), "extra_ema": {d: ema_counters(e) for d, e in extras.items()}}
             path = ckpt.finish(tmp, state["step"], unwrapped.state_dict(), list(ema.shadow_params),
-                               opt.state_dict(), full_state, cfg.to_yaml(), t_cfg.keep_checkpoints)
-            export_model(unwrapped, ema, noise_sched, cfg, paths.model)
+                               opt.state_dict(), full_state, cfg.to_yaml(), t_cfg.keep_checkpoints,
+                               {d: list(e.shadow_params) for d, e in extras.items()})
+            export_models()
             note(f"checkpoint {path.name} ({reason})")
         accelerator.wait_for_everyone()
         return path
+
+    def export_models() -> None:
+        """model/ (the main EMA) and ema/<decay>/ for every extra EMA."""
+        export_model(unwrapped, ema, noise_sched, cfg, paths.model)
+        for share, extra in extras.items():
+            export_model(unwrapped, extra, noise_sched, cfg, paths.extra_ema(float(share)))
 
     grid_s = [0.0]  # how long the last sample grid took: the final one is kept inside the budget
 
@@ -269,7 +282,8 @@ def train(
                 with accelerator.accumulate(model):
                     labels = drop_labels(labels, t_cfg.label_dropout, gen)
                     loss = diffusion_loss(model, noise_sched, images, labels, gen, t_cfg.min_snr_gamma,
-                                          cfg.schedule.p_mean, cfg.schedule.p_std, cfg.schedule.p_uniform)
+                                          cfg.schedule.p_mean, cfg.schedule.p_std, cfg.schedule.p_uniform,
+                                          t_cfg.foreground_weight)
                     bad = None if all_finite(accelerator, loss) else ("loss", loss)
                     if bad is None:
                         accelerator.backward(loss)
@@ -294,6 +308,8 @@ def train(
                 skipped_in_a_row = 0
                 lr_sched.step()
                 ema.step(unwrapped.parameters())
+                for extra in extras.values():
+                    extra.step(unwrapped.parameters())
                 state["step"] += 1
                 step = state["step"]
                 at_step = {"pos": {"epoch": state["epoch"], "batch": state["batch"]}, "rng": ckpt.capture_rng(gen)}
@@ -355,7 +371,7 @@ def train(
     if state["step"] != saved_step:
         save_all("end")
     elif main:
-        export_model(unwrapped, ema, noise_sched, cfg, paths.model)
+        export_models()
     if state["step"] > start_step or not paths.sample_grid(state["step"]).exists():
         sample_grid()
     result = TrainResult(

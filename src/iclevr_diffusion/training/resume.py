@@ -62,3 +62,17 @@ def with_sigma_data(cfg: Config, source: dict | None, data, note: Callable[[str]
     cfg = copy.deepcopy(cfg)
     cfg.schedule.sigma_data = value
     return cfg
+
+
+def resume_extra_emas(extras: dict, source: dict, note: Callable[[str], None]) -> None:
+    """Load each extra EMA (train.extra_ema_lengths, by share "0.25") from the checkpoint; one the checkpoint
+    lacks (the key was added on resuming) starts from the main EMA's weights at its step count, keeping its
+    own averaging rule, with a note saying so."""
+    own_rule = ("decay", "min_decay", "use_ema_warmup", "inv_gamma", "power")
+    for share, extra in extras.items():
+        if share in source.get("extra_ema", {}):
+            extra.load_state_dict({**source["state"]["extra_ema"][share], "shadow_params": source["extra_ema"][share]})
+            continue
+        rule = {k: v for k, v in extra.state_dict().items() if k in own_rule}
+        extra.load_state_dict({**source["state"]["ema"], "shadow_params": source["ema"], **rule})
+        note(f"EMA {share} is not in checkpoint {source['path'].name}: it starts from the main EMA's weights")

@@ -62,6 +62,23 @@ def due_snapshots(marks: list[float], elapsed_s: float, folder: RunFolder) -> li
     return [m for m in marks if m * 60 <= elapsed_s and not folder.snapshot(m).is_dir()]
 
 
+def ema_counters(ema) -> dict:
+    """An EMAModel's state without its weights (decay, step count...): what state.pt keeps of it."""
+    return {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+
+
+def growing_ema(model, share: float):
+    """An EMAModel averaging over the last `share` of the steps so far: decay 1 - 1 / (1 + share * t) at
+    step t (diffusers' warm-up form 1 - (1 + t / inv_gamma)^-power with power 1, no cap), so the
+    average grows with the run, as EDM2's power-function EMA, instead of stopping at a fixed window."""
+    from diffusers.training_utils import EMAModel
+
+    from iclevr_diffusion.diffusion.model import ConditionalUNet
+
+    return EMAModel(model.parameters(), decay=1.0, min_decay=0.0, use_ema_warmup=True, inv_gamma=1 / share,
+                    power=1.0, model_cls=ConditionalUNet, model_config=model.config)
+
+
 class ema_weights:
     """Context: the model holds the EMA weights inside, its own weights again after."""
 
