@@ -19,9 +19,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
 from machine_info import machine
 from scoring import benchmark_evaluator, smoke_dataset, split_accuracy
 
+from iclevr_diffusion.config import config_from_dict
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.diffusion.sampling import load_pipeline
 from iclevr_diffusion.io import write_json
@@ -33,8 +35,7 @@ def weights_to_score(run: Path) -> list[tuple[str, str, Path]]:
     """(label, kind, model folder to load) for every model the run kept; kind: "ema_decay 0.999" for model/,
     "share 0.25" for an extra EMA, "raw" for the last checkpoint's raw weights."""
     folder = RunFolder(run)
-    _, cfg, _ = load_pipeline(folder.model, device="cpu")
-    d = cfg.train.ema_decay
+    d = config_from_dict(yaml.safe_load(folder.config.read_text())).train.ema_decay
     found = [(f"EMA {d:g}, warmed up (model/: the last ~11% of the steps, at most {1 / (1 - d):,.0f} steps)",
               f"ema_decay {d:g}", folder.model)]
     extra = sorted((run / EXTRA_EMAS).iterdir(), key=lambda p: float(p.name)) if (run / EXTRA_EMAS).is_dir() else []

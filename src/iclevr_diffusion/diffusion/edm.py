@@ -30,6 +30,7 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 
 from iclevr_diffusion.config import SAMPLERS_BY_FORMULATION
+from iclevr_diffusion.diffusion.losses import weighted_mse
 
 # ConditionalUNet multiplies its timestep by this for EDM models: c_noise = ln(sigma) / 4 spans about
 # [-1.6, 1.1] for sigma in [0.002, 80], which would leave all but the highest frequencies of the UNet's
@@ -116,8 +117,6 @@ def edm_loss(
 ) -> torch.Tensor:
     """lambda(sigma) * ||D(y + sigma n; sigma) - y||^2, computed as the equal, better-conditioned
     ||F - (y - c_skip x) / c_out||^2 (lambda * c_out^2 = 1)."""
-    from iclevr_diffusion.diffusion.losses import weighted_mse
-
     sd = float(scheduler.config.sigma_data)
     device = images.device
     sigma_range = (float(scheduler.config.sigma_min), float(scheduler.config.sigma_max))

@@ -55,6 +55,16 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
+def _save_in_order(params: list[torch.Tensor], path: Path) -> None:
+    """EMA shadow weights, keyed by their position in the parameter order."""
+    _save_tensors({str(i): p for i, p in enumerate(params)}, path)
+
+
+def _load_in_order(path: Path) -> list[torch.Tensor]:
+    tensors = load_file(str(path))
+    return [tensors[str(i)] for i in range(len(tensors))]
+
+
 def begin(root: Path, step: int) -> Path:
     """Create (empty) the temp folder a checkpoint is assembled in; every process then writes into it."""
     tmp = Path(root) / f".tmp-{step_dir_name(step)}"
@@ -83,9 +93,9 @@ def finish(
     final = tmp.parent / step_dir_name(step)
     try:
         _save_tensors(model_state, tmp / "model.safetensors")
-        _save_tensors({str(i): p for i, p in enumerate(ema_params)}, tmp / "ema.safetensors")
+        _save_in_order(ema_params, tmp / "ema.safetensors")
         for share, params in (extra_emas or {}).items():
-            _save_tensors({str(i): p for i, p in enumerate(params)}, tmp / f"ema-{share}.safetensors")
+            _save_in_order(params, tmp / f"ema-{share}.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(state, tmp / "state.pt")
         (tmp / CONFIG).write_text(config_yaml)
@@ -134,16 +144,12 @@ def load(path: Path, rank: int = 0) -> dict[str, Any]:
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise IclevrError(f"Checkpoint {path} is incomplete: {', '.join(missing)} missing.")
-    ema = load_file(str(path / "ema.safetensors"))
-    extra = {}
-    for f in sorted(path.glob("ema-*.safetensors")):
-        tensors = load_file(str(f))
-        extra[f.name[len("ema-"):-len(".safetensors")]] = [tensors[str(i)] for i in range(len(tensors))]
+    extra = {f.stem[len("ema-"):]: _load_in_order(f) for f in sorted(path.glob("ema-*.safetensors"))}  # by share
     rng_file = path / f"rng_{rank}.pt"
     return {
         "path": path,
         "model": load_file(str(path / "model.safetensors")),
-        "ema": [ema[str(i)] for i in range(len(ema))],
+        "ema": _load_in_order(path / "ema.safetensors"),
         "extra_ema": extra,
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
         "state": torch.load(path / "state.pt", weights_only=True, map_location="cpu"),

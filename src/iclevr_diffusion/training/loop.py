@@ -216,7 +216,7 @@ def train(
         return path
 
     def export_models() -> None:
-        """model/ (the main EMA) and ema/<decay>/ for every extra EMA."""
+        """model/ (the main EMA) and ema/<share>/ for every extra EMA."""
         export_model(unwrapped, ema, noise_sched, cfg, paths.model)
         for share, extra in extras.items():
             export_model(unwrapped, extra, noise_sched, cfg, paths.extra_ema(float(share)))
