@@ -114,6 +114,14 @@ RECIPES: dict[str, list[str]] = {
     # the default trained once with three more averages beside its own EMA, over the last 5%, 25% and 50%
     # of the steps (benchmarks/ema_lengths.py scores them)
     "noise06-emas": [*_NOISE06, "train.extra_ema_lengths=[0.05,0.25,0.5]"],
+    # rectified flow (diffusion/flow.py) in place of EDM, everything else the default's: on the raw pixels
+    # (sigma_data 1) at the default's noise levels; on pixels scaled to unit variance (sigma_data measured,
+    # as SD3 scales its latents) at the default's noise levels, and at SD3's logit-normal(0, 1) for t, which
+    # is ln(sigma) ~ N(ln(sigma_data), 1) with the built-in set's sigma_data 0.197
+    "flow": [*_NOISE06, "schedule.formulation=flow", "schedule.sigma_data=1.0"],
+    "flow-scaled": [*_NOISE06, "schedule.formulation=flow"],
+    "flow-scaled-sd3": [*_NOISE06, "schedule.formulation=flow", "schedule.p_mean=-1.62", "schedule.p_std=1.0"],
+    "flow-scaled-seed1": [*_NOISE06, "schedule.formulation=flow", "seed=1"],  # the spread between training runs
 }
 
 

@@ -66,12 +66,13 @@ class ModelConfig:
 @dataclass
 class ScheduleConfig:
     formulation: str = "edm"  # edm (Karras et al. 2022: the keys after prediction_type) | ddpm (the keys up to it)
+    # | flow (rectified flow on data scaled to unit variance by sigma_data, diffusion/flow.py: EDM's keys)
     num_train_timesteps: int = 1000  # T, the number of diffusion steps
     beta_schedule: str = "linear"  # linear (1e-4..0.02) | scaled_linear (linear scaled by 1000/T) | cosine
     beta_start: float = 0.0001
     beta_end: float = 0.02
     prediction_type: str = "epsilon"  # epsilon | v_prediction
-    sigma_data: float | None = None  # edm: std of the training pixels; None = measured at the start of training
+    sigma_data: float | None = None  # edm, flow: std of the training pixels; None = measured at the start of training
     p_mean: float = -0.6  # edm: training noise levels ln(sigma) ~ N(p_mean, p_std^2) (EDM's: -1.2, 1.2)
     p_std: float = 0.9
     p_uniform: float = 0.0  # edm: share of training noise levels uniform in ln(sigma) over sigma_min..sigma_max

@@ -19,14 +19,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.resize": ("squash", "center_crop"),
     "schedule.beta_schedule": ("linear", "scaled_linear", "cosine"),
     "schedule.prediction_type": ("epsilon", "v_prediction"),
-    "schedule.formulation": ("ddpm", "edm"),
+    "schedule.formulation": ("ddpm", "edm", "flow"),
     "model.time_scale_shift": ("default", "scale_shift"),
     "model.patch_embed": ("fold", "overlap"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
 }
 # The samplers each formulation offers (diffusion/samplers.py, diffusion/edm.py); the config accepts any of them.
-SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": ("heun", "euler", "dpm++", "dpm++sde")}
+_EDM_FAMILY = ("heun", "euler", "dpm++", "dpm++sde")  # rectified flow runs on EDM's samplers (diffusion/flow.py)
+SAMPLERS_BY_FORMULATION = {"ddpm": ("ddpm", "ddim", "dpm++", "unipc"), "edm": _EDM_FAMILY, "flow": _EDM_FAMILY}
 CHOICES["sample.sampler"] = tuple(dict.fromkeys(n for names in SAMPLERS_BY_FORMULATION.values() for n in names))
 PRESETS = ("default", "seed", "full", "compare-timesteps")
 SPLITS = (*COURSE_SPLITS, VALIDATION)  # the packaged condition files: --split and eval.splits
@@ -179,15 +180,15 @@ def _validate_formulation(cfg: Config) -> None:
             f"sample.sampler '{sampler}' is not a sampler of schedule.formulation={sch.formulation}; "
             f"choose one of: {', '.join(offered)}."
         )
-    if sch.formulation != "edm":
-        if cfg.model.self_condition:
-            raise IclevrError("model.self_condition needs schedule.formulation=edm; set model.self_condition=false "
-                              "for a DDPM model.")
+    if sch.formulation != "edm" and cfg.model.self_condition:
+        raise IclevrError(f"model.self_condition needs schedule.formulation=edm; set model.self_condition=false "
+                          f"for a {sch.formulation} model.")
+    if sch.formulation == "ddpm":
         return
     if cfg.train.min_snr_gamma is not None:
         raise IclevrError(
-            "train.min_snr_gamma is a DDPM loss weighting; EDM weights its loss itself: set train.min_snr_gamma=null "
-            "with schedule.formulation=edm."
+            f"train.min_snr_gamma is a DDPM loss weighting; {sch.formulation} weights its loss itself: set "
+            f"train.min_snr_gamma=null with schedule.formulation={sch.formulation}."
         )
     if sch.sigma_data is not None and sch.sigma_data <= 0:
         raise IclevrError(f"schedule.sigma_data must be positive (or null to measure it), got {sch.sigma_data}.")

@@ -31,7 +31,7 @@ def tiny_config(
     **sample,
 ) -> Config:
     """The run config of the tiny model; `sample` overrides keys of the `sample` section.
-    DDPM unless `formulation="edm"` (then sigma_data 0.5, the EDM sampler dpm++ as for DDPM)."""
+    DDPM unless `formulation="edm"` or "flow" (then sigma_data 0.5); all sample with dpm++ as DDPM does."""
     return config_from_dict(
         {
             "name": "tiny",
@@ -47,7 +47,7 @@ def tiny_config(
             },
             "schedule": {
                 "formulation": formulation,
-                "sigma_data": 0.5 if formulation == "edm" else None,
+                "sigma_data": None if formulation == "ddpm" else 0.5,
                 "num_train_timesteps": num_train_timesteps,
                 "beta_schedule": beta_schedule,
                 "prediction_type": prediction_type,
@@ -75,7 +75,7 @@ def tiny_pipeline(cfg: Config | None = None, train_steps: int = 20, seed: int = 
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     unet.train()
     for _ in range(train_steps):
-        if cfg.schedule.formulation == "edm":
+        if cfg.schedule.formulation != "ddpm":
             loss = edm_loss(unet, scheduler, x0, labels, gen, cfg.schedule.p_mean, cfg.schedule.p_std,
                             cfg.schedule.p_uniform)
             opt.zero_grad()

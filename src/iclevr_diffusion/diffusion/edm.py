@@ -124,6 +124,7 @@ def edm_loss(
     noise = torch.randn(images.shape, generator=generator).to(device, images.dtype)
     s = sigma.reshape(-1, 1, 1, 1)
     noisy = images + s * noise
+    skip, out_scale, scale_in, noise_cond = coefficients(scheduler, s)
     extra = {}
     # Self-conditioning: in half of the steps (a coin from the same generator) the network first
     # estimates without help, and learns to improve on that estimate (no gradient through it).
@@ -131,9 +132,26 @@ def edm_loss(
         with torch.no_grad():
             first = denoise(model, noisy, sigma, labels, sd)
         extra = {"previous_estimate": first / sd}
-    out = model(c_in(s, sd) * noisy, c_noise(sigma), labels, **extra).float()
-    target = (images - c_skip(s, sd) * noisy) / c_out(s, sd)
+    out = model(scale_in * noisy, noise_cond.flatten(), labels, **extra).float()
+    target = (images - skip * noisy) / out_scale
     return weighted_mse(out, target.float(), images, foreground_weight)
+
+
+def coefficients(scheduler, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(c_skip, c_out, c_in, c_noise) at `sigma` of the preconditioning `scheduler` was saved with: EDM's
+    with its sigma_data, or the scheduler's own (rectified flow, flow.py)."""
+    own = getattr(scheduler, "coefficients", None)
+    if own is not None:
+        return own(sigma)
+    sd = float(scheduler.config.sigma_data)
+    return c_skip(sigma, sd), c_out(sigma, sd), c_in(sigma, sd), c_noise(sigma)
+
+
+def scheduler_denoise(scheduler, model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """D(x; sigma) with the preconditioning `scheduler` was saved with (EDM or rectified flow)."""
+    skip, out_scale, scale_in, noise_cond = coefficients(scheduler, sigma.reshape(-1, 1, 1, 1).to(x.dtype))
+    out = model(scale_in * x, noise_cond.flatten(), labels).to(x.dtype)
+    return skip * x + out_scale * out
 
 
 def _self_conditioned(model) -> bool:
@@ -166,19 +184,25 @@ def make_edm_scheduler(sigma_data: float, sigma_min: float = 0.002, sigma_max: f
 
 
 def make_edm_sampler(name: str, train_scheduler):
-    """A fresh EDM sampler `name` sharing `train_scheduler`'s sigma_data and noise range."""
+    """A fresh EDM sampler `name` sharing `train_scheduler`'s sigma_data and noise range, and its
+    preconditioning: a rectified-flow model (flow.py) gets the flow twin of each sampler."""
+    from iclevr_diffusion.diffusion.flow import FLOW_SAMPLER_CLASSES, is_flow
+
+    edm_classes = (EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler)
+    heun, euler, dpm = FLOW_SAMPLER_CLASSES if is_flow(train_scheduler) else edm_classes
     config = train_scheduler.config
     if name == "heun":
-        return EDMHeunScheduler.from_config(config)
+        return heun.from_config(config)
     if name == "euler":
-        return EDMEulerScheduler.from_config(config)
+        return euler.from_config(config)
     if name in ("dpm++", "dpm++sde"):
         algorithm = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
-        return EDMDPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2)
+        return dpm.from_config(config, algorithm_type=algorithm, solver_order=2)
     raise ValueError(name)
 
 
 def is_edm(scheduler) -> bool:
+    """An EDM-family noise schedule: EDM's own or rectified flow's (flow.py subclasses these schedulers)."""
     return isinstance(scheduler, (EDMEulerScheduler, EDMDPMSolverMultistepScheduler))
 
 

@@ -39,8 +39,9 @@ def plain_unet_refusal(model) -> str | None:
         return ("its blocks cross-attend to one token per class (model.cross_attention): it is a "
                 "UNet2DConditionModel, not a UNet2DModel")
     if model.config.timestep_scale != 1.0:
-        return ("it is an EDM model: its UNet takes c_noise = ln(sigma) / 4 as the timestep and its output "
-                "needs EDM's preconditioning (c_skip, c_out, c_in), which a plain UNet2DModel user would not apply")
+        return ("it is an EDM or rectified-flow model: its UNet takes a scaled noise level as the timestep and "
+                "its output needs the preconditioning (c_skip, c_out, c_in), which a plain UNet2DModel user would "
+                "not apply")
     return None
 
 
@@ -53,7 +54,8 @@ def export_plain_unet(pipe, out: Path, force: bool = False) -> Path:
     model, schedule = pipe.unet, getattr(pipe, "_noise_scheduler", pipe.scheduler)
     why = plain_unet_refusal(model)
     if why is None and is_edm(schedule):
-        why = "it is an EDM model: its sampler applies EDM's preconditioning (c_skip, c_out, c_in) to the UNet"
+        why = ("it is an EDM or rectified-flow model: its sampler applies the preconditioning (c_skip, c_out, c_in) "
+               "to the UNet")
     if why:
         raise IclevrError(f"Cannot write this model as a plain UNet2DModel: {why}. "
                           "Use the exported pipeline folder (RUN/model) instead.")

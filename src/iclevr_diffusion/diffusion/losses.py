@@ -52,7 +52,7 @@ def diffusion_loss(
     foreground_weight: float = 0.0,  # extra weight of pixels that stand out of the floor (weighted_mse)
 ) -> torch.Tensor:
     """DDPM: mean squared error between the model output and the target at uniformly drawn timesteps.
-    EDM (an EDM scheduler): edm.edm_loss at log-normal noise levels."""
+    EDM and rectified flow (an EDM-family scheduler): edm.edm_loss at log-normal noise levels."""
     from iclevr_diffusion.diffusion.edm import edm_loss, is_edm
 
     if is_edm(scheduler):

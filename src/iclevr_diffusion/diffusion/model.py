@@ -24,7 +24,7 @@ much per step as folding and left the same grain (BENCHMARKS.md), so the grain i
 `time_scale_shift="scale_shift"` makes every resnet block modulate its normalised features with a
 scale and shift from the time + label embedding (AdaGN, Dhariwal & Nichol 2021) instead of adding it.
 `timestep_scale` multiplies the timestep the scheduler passes (EDM's c_noise = ln(sigma) / 4) before
-the sinusoidal embedding; see edm.EDM_TIMESTEP_SCALE.
+the sinusoidal embedding; see edm.EDM_TIMESTEP_SCALE (rectified flow's t in [0, 1]: flow.FLOW_TIMESTEP_SCALE).
 
 `cross_attention` (one flag per level) gives the UNet one token per class to attend to: the class's
 embedding plus a learned "asked for" or "not asked for" embedding. The time + label embedding reaches
@@ -51,7 +51,10 @@ from torch import nn
 
 from iclevr_diffusion.config import Config, DataConfig, ModelConfig
 from iclevr_diffusion.diffusion.edm import EDM_TIMESTEP_SCALE
+from iclevr_diffusion.diffusion.flow import FLOW_TIMESTEP_SCALE
 
+# What the UNet multiplies its timestep by, per formulation (DDPM timesteps are already 0..T-1).
+TIMESTEP_SCALES = {"edm": EDM_TIMESTEP_SCALE, "flow": FLOW_TIMESTEP_SCALE}
 _DATA, _MODEL = DataConfig(), ModelConfig()  # the recipe's defaults: one home, config.py
 
 
@@ -142,7 +145,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             mid_attention=m.mid_attention,
             patch_size=m.patch_size,
             time_scale_shift=m.time_scale_shift,
-            timestep_scale=EDM_TIMESTEP_SCALE if cfg.schedule.formulation == "edm" else 1.0,
+            timestep_scale=TIMESTEP_SCALES.get(cfg.schedule.formulation, 1.0),
             cross_attention=tuple(m.cross_attention),
             self_condition=m.self_condition,
             patch_head=m.patch_head,

@@ -37,7 +37,7 @@ TIMESTEP_SPACING = "trailing"  # every DDPM-model sampler's (see the module docs
 
 
 def samplers_for(train_scheduler: SchedulerMixin) -> tuple[str, ...]:
-    """The sampler names a model trained with `train_scheduler` offers (DDPM or EDM formulation)."""
+    """The sampler names a model trained with `train_scheduler` offers (DDPM, or EDM and rectified flow)."""
     from iclevr_diffusion.diffusion.edm import EDM_SAMPLERS, is_edm
 
     return EDM_SAMPLERS if is_edm(train_scheduler) else SAMPLERS
@@ -92,10 +92,11 @@ def with_sampling_settings(train_scheduler: SchedulerMixin) -> SchedulerMixin:
 def check_sampler_name(name: str, train_scheduler: SchedulerMixin) -> str:
     """`name` if the model's noise schedule offers that sampler, else IclevrError listing those it offers."""
     from iclevr_diffusion.diffusion.edm import is_edm
+    from iclevr_diffusion.diffusion.flow import is_flow
 
     offered = samplers_for(train_scheduler)
     if name not in offered:
-        kind = "EDM" if is_edm(train_scheduler) else "DDPM"
+        kind = "rectified-flow" if is_flow(train_scheduler) else "EDM" if is_edm(train_scheduler) else "DDPM"
         raise IclevrError(f"Unknown sampler '{name}' for this {kind} model; choose one of: {', '.join(offered)}.")
     return name
 
@@ -128,18 +129,18 @@ def clean_estimate_rms(unet, train_scheduler: SchedulerMixin, images: int = 4, s
     Needs no data: at t = T-1 the input is (almost) pure noise, and the best estimate of x0 there is
     about the mean training image. A mean of images in [-1, 1] lies in [-1, 1] pixel by pixel, so its
     RMS is at most 1; well above 1 means the model's x0 is off by more than the data range.
-    For an EDM model: D(x; sigma_max) with x = sigma_max * noise.
+    For an EDM or rectified-flow model: D(x; sigma_max) with x = sigma_max * noise.
     """
-    from iclevr_diffusion.diffusion.edm import denoise, is_edm
+    from iclevr_diffusion.diffusion.edm import is_edm, scheduler_denoise
 
     if is_edm(train_scheduler):
-        size, sd = int(unet.config.sample_size), float(train_scheduler.config.sigma_data)
-        sigma = float(train_scheduler.config.sigma_max)
+        size, sigma = int(unet.config.sample_size), float(train_scheduler.config.sigma_max)
         noise = torch.randn((images, 3, size, size), generator=torch.Generator().manual_seed(seed))
         x = (noise * sigma).to(unet.device)
         labels = torch.zeros(images, int(unet.config.num_classes), device=unet.device)
         with torch.no_grad():
-            d = denoise(unet, x, torch.full((images,), sigma, device=unet.device), labels, sd).float()
+            d = scheduler_denoise(train_scheduler, unet, x, torch.full((images,), sigma, device=unet.device),
+                                  labels).float()
         return float(d.pow(2).mean().sqrt())
     t = int(train_scheduler.config.num_train_timesteps) - 1
     size = int(unet.config.sample_size)
@@ -179,9 +180,12 @@ def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMix
     if rms <= 1.0:
         return None
     if is_edm(train_scheduler):  # bounded by construction: far off means an untrained or broken model
+        from iclevr_diffusion.diffusion.flow import is_flow
+
+        check = "" if is_flow(train_scheduler) else ", or check schedule.sigma_data"
         return (
-            f"this EDM model's clean-image estimate at the noisiest step has RMS {rms:.1f} (a trained one is at "
-            "most 1): expect poor images from any sampler; train it longer, or check schedule.sigma_data."
+            f"this model's clean-image estimate at the noisiest step has RMS {rms:.1f} (a trained one is at "
+            f"most 1): expect poor images from any sampler; train it longer{check}."
         )
     return (
         f"{sampler} is likely to give saturated, off-colour images with this model: its clean-image estimate "

@@ -1,5 +1,6 @@
 """The training noise schedule built from the `schedule` config section: a diffusers DDPMScheduler for
-the DDPM formulation, an EDMEulerScheduler (carrying sigma_data and the noise range) for EDM.
+the DDPM formulation, an EDMEulerScheduler (carrying sigma_data and the noise range) for EDM, and
+its rectified-flow twin (flow.py: the same keys, flow's preconditioning) for rectified flow.
 
 Samplers for inference are made from this scheduler's config (see samplers.py), so the betas (or
 sigma_data) a model was trained with are the ones it is sampled with.
@@ -19,11 +20,13 @@ _DIFFUSERS_NAME = {"linear": "linear", "scaled_linear": "linear", "cosine": "squ
 def make_train_scheduler(cfg: ScheduleConfig, sigma_data: float | None = None):
     """`sigma_data` (EDM) overrides cfg.sigma_data, e.g. with the value measured on the training set;
     with neither, EDM's natural-image 0.5 (only tools that do not train, like speed benchmarks)."""
-    if cfg.formulation == "edm":
+    if cfg.formulation in ("edm", "flow"):
         from iclevr_diffusion.diffusion.edm import make_edm_scheduler
+        from iclevr_diffusion.diffusion.flow import make_flow_scheduler
 
         sd = sigma_data if sigma_data is not None else cfg.sigma_data
-        return make_edm_scheduler(0.5 if sd is None else sd, cfg.sigma_min, cfg.sigma_max)
+        make = make_edm_scheduler if cfg.formulation == "edm" else make_flow_scheduler
+        return make(0.5 if sd is None else sd, cfg.sigma_min, cfg.sigma_max)
     scale = 1000.0 / cfg.num_train_timesteps if cfg.beta_schedule == "scaled_linear" else 1.0
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,

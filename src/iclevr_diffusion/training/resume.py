@@ -46,10 +46,11 @@ def check_compatible(cfg: Config, source: dict) -> None:
 
 
 def with_sigma_data(cfg: Config, source: dict | None, data, note: Callable[[str], None]) -> Config:
-    """EDM needs sigma_data, the std of the training pixels: the config's, else the checkpoint's (a resumed
-    run), else measured on the dataset now. Returned in a copy of the config, which every run file records."""
+    """EDM and rectified flow need sigma_data, the std of the training pixels: the config's, else the
+    checkpoint's (a resumed run), else measured on the dataset now. Returned in a copy of the config, which
+    every run file records."""
     sch = cfg.schedule
-    if sch.formulation != "edm" or sch.sigma_data is not None:
+    if sch.formulation == "ddpm" or sch.sigma_data is not None:
         return cfg
     from iclevr_diffusion.diffusion.edm import measure_sigma_data
 
