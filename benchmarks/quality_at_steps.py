@@ -121,7 +121,10 @@ RECIPES: dict[str, list[str]] = {
     "flow": [*_NOISE06, "schedule.formulation=flow", "schedule.sigma_data=1.0"],
     "flow-scaled": [*_NOISE06, "schedule.formulation=flow"],
     "flow-scaled-sd3": [*_NOISE06, "schedule.formulation=flow", "schedule.p_mean=-1.62", "schedule.p_std=1.0"],
-    "flow-scaled-seed1": [*_NOISE06, "schedule.formulation=flow", "seed=1"],  # the spread between training runs
+    # the spread between training runs: two more seeds of rectified flow, a third of the EDM default
+    "flow-scaled-seed1": [*_NOISE06, "schedule.formulation=flow", "seed=1"],
+    "flow-scaled-seed2": [*_NOISE06, "schedule.formulation=flow", "seed=2"],
+    "noise06-seed2": [*_NOISE06, "seed=2"],
 }
 
 

@@ -31,14 +31,14 @@ RECIPES = {
     "default-pm21": "the previous default with P_mean -2.1 (EDM's -1.2 moved by ln(0.2 / 0.5) to our sigma_data)",
     "default-pm06": "the previous default with P_mean -0.6 (more training at high noise levels)",
     "default-pm0": "the previous default with P_mean 0",
-    "default-pm06-s09": "the previous default with P_mean -0.6, P_std 0.9 (the default since)",
+    "default-pm06-s09": "EDM + AdaGN with P_mean -0.6, P_std 0.9 (the default until rectified flow)",
     "default-pm06-s06": "the previous default with P_mean -0.6, P_std 0.6",
     "default-p4w": "the previous default on 4x4 patches, 64/128/256 channels (the UNet at 16x16)",
     "default-selfcond": "the previous default + self-conditioning",
     "noise06-p1": "the default without pixel patches (the UNet at 64x64)",
     "noise06-p1-16": "the default without pixel patches, a 16-channel level at 64x64 in front of its three",
     "noise06-hflip": "the default with random horizontal flips of the training images",
-    "noise06-seed1": "the default, another training seed (1 instead of 0)",
+    "noise06-seed1": "EDM + AdaGN (the default until rectified flow), another training seed (1 instead of 0)",
     "noise06-attn16": "the default + self-attention at 16x16",
     "noise06-uniform02": "the default with 20% of its noise levels uniform in ln(sigma) over 0.002..80",
     "noise06-head32": "the default + a 32-channel conv head at 64x64 after the patches unfold",
@@ -52,12 +52,17 @@ RECIPES = {
     "flow-scaled": "rectified flow instead of EDM, pixels scaled to unit variance, the default's noise levels",
     "flow-scaled-sd3": "rectified flow, pixels scaled to unit variance, SD3's logit-normal(0, 1) for t",
     "flow-scaled-seed1": "rectified flow, pixels scaled to unit variance, another training seed (1 instead of 0)",
+    "flow-scaled-seed2": "rectified flow, pixels scaled to unit variance, a third training seed (2)",
+    "noise06-seed2": "EDM + AdaGN (the default until rectified flow), a third training seed (2)",
     "default": "**the default preset**",
     "default-heun": "the previous default preset, sampled with Heun (its default)",
     "default-dpm++sde": "the previous default preset, sampled with DPM-Solver++ SDE",
+    "flow-default-heun": "the default preset (rectified flow), sampled with Heun 18 (its default)",
+    "flow-default-dpm++sde": "the default preset (rectified flow), sampled with DPM-Solver++ SDE 35",
 }
 # Earlier defaults, as the README's quality table names them.
-PREVIOUS = {"edm-adagn-lr2e-3": "EDM's noise levels, N(-1.2, 1.2^2)"}
+PREVIOUS = {"default-pm06-s09": "EDM, before rectified flow",
+            "edm-adagn-lr2e-3": "EDM at EDM's noise levels, N(-1.2, 1.2^2)"}
 NFE = {"heun": lambda n: 2 * n - 1}  # network evaluations per sample; other samplers: one per step
 
 
@@ -248,7 +253,7 @@ def readme_quality(files, opts):
     acc_mj = main_job_accuracy(mj)
     ips = mj.get("images_per_s_last")
     # A main job of an earlier default names its recipe (quality_at_steps.py's name for that config).
-    earlier = f" of the previous default ({PREVIOUS[mj['recipe']]})" if mj.get("recipe", "default") != "default" else ""
+    earlier = f" of an earlier default ({PREVIOUS[mj['recipe']]})" if mj.get("recipe", "default") != "default" else ""
     out.append(
         [
             f"`iclevr-diff train`{earlier} (the main job: {minutes(mj.get('train_wall_s'))} wall on a fresh cache, "
@@ -258,8 +263,8 @@ def readme_quality(files, opts):
         ]
     )
     qp, q = by["quality_at_steps.json"]
-    names = {"default": "the default preset", **{k: f"the previous default ({v})" for k, v in PREVIOUS.items()},
-             "ddpm-minsnr": "the DDPM default before that (epsilon, min-SNR 5, DDIM 25)"}
+    names = {"default": "the default preset", **{k: f"an earlier default ({v})" for k, v in PREVIOUS.items()},
+             "ddpm-minsnr": "the DDPM default before those (epsilon, min-SNR 5, DDIM 25)"}
     cells: dict[tuple, dict] = {}
     for r in q["rows"]:
         if r["recipe"] in names and r["split"] in ("test", "new_test"):

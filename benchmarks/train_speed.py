@@ -67,13 +67,15 @@ def variants(smoke: bool) -> list[tuple[str, Config, bool, bool]]:
          True, False),
         ("default + cross-attention at 16x16 and 8x8",
          preset("default", "model.cross_attention=[false, true, true]"), True, False),
-        ("default + self-conditioning", preset("default", "model.self_condition=true"), True, False),
+        ("default + self-conditioning",  # an EDM option
+         preset("default", "schedule.formulation=edm", "model.self_condition=true"), True, False),
         ("default on 4x4 patches, 64/128/256",
          preset("default", "model.patch_size=4", "model.block_out_channels=[64, 128, 256]"), True, False),
         ("default without patching, a 16-channel level at 64x64 in front",
          preset("default", "model.patch_size=1", "model.block_out_channels=[16, 32, 64, 128]",
                 "model.attention=[false, false, false, true]", "model.norm_num_groups=8"), True, False),
         ("default + self-attention at 16x16", preset("default", "model.attention=[false, true, true]"), True, False),
+        ("default with EDM's preconditioning (bf16)", preset("default", "schedule.formulation=edm"), True, False),
         ("full preset (bf16)", preset("full"), True, False),
         (COMPILED, preset("default"), True, False),
     ]

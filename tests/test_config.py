@@ -59,7 +59,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
         ("train.hflip=1", "Unknown config key"),
         ("data.hflip=yes-please", "must be bool"),
         ("sample.sampler=eulr", "choose one of: ddpm, ddim, dpm\\+\\+, unipc, heun, euler, dpm\\+\\+sde"),
-        ("sample.sampler=ddim", "not a sampler of schedule.formulation=edm; choose one of: heun, euler"),
+        ("sample.sampler=ddim", "not a sampler of schedule.formulation=flow; choose one of: heun, euler"),
         ("model.attention=[true]", "one true/false per level"),
         ("model.cross_attention=[true]", "model.cross_attention has 1 entries.*or \\[\\] for none"),
         ("model.cross_attention=[true,true,false]", "leaves out a level with self-attention"),

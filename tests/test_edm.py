@@ -633,7 +633,7 @@ def test_an_adagn_edm_run_trains_exports_and_reloads(data_root, tmp_path):
 
 
 def test_a_model_folder_without_its_run_config_samples_with_its_own_formulations_sampler(tmp_path):
-    """The defaults are EDM now: a DDPM model exported without run_config.yaml must still pick a DDPM
+    """The defaults are rectified flow now: a DDPM model exported without run_config.yaml must still pick a DDPM
     sampler (ddim) instead of failing on the default 'heun'."""
     from iclevr_diffusion.diffusion.sampling import resolve_sampling
     from iclevr_diffusion.testing import write_tiny_run
@@ -641,7 +641,7 @@ def test_a_model_folder_without_its_run_config_samples_with_its_own_formulations
     run = write_tiny_run(tmp_path / "run", train_steps=2)
     (run / "model" / "run_config.yaml").unlink()
     pipe, cfg, _ = load_pipeline(run, device="cpu")
-    assert cfg.schedule.formulation == "edm" and isinstance(pipe.scheduler, DDPMScheduler)
+    assert cfg.schedule.formulation == "flow" and isinstance(pipe.scheduler, DDPMScheduler)
     sampler, steps, _ = resolve_sampling(cfg, pipe)
     assert sampler == "ddim" and steps == cfg.sample.steps
     with pytest.raises(IclevrError, match="Unknown sampler 'heun'"):

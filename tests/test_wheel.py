@@ -81,7 +81,7 @@ print(json.dumps({
 """
     info = json.loads(run_installed(target, [sys.executable, "-c", code], tmp_path).stdout)
     assert Path(info["module"]).is_relative_to(target) and Path(info["objects"]).is_relative_to(target)
-    assert info["seed_channels"] == [32, 64, 96, 128] and info["default_formulation"] == "edm"
+    assert info["seed_channels"] == [32, 64, 96, 128] and info["default_formulation"] == "flow"
     assert len(info["test"]) == len(info["new_test"]) == 32 and sum(map(len, info["test"])) == 72
     assert info["labels"]["gray cube"] == 0 and len(info["labels"]) == 24
 

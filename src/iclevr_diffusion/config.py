@@ -65,8 +65,9 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    formulation: str = "edm"  # edm (Karras et al. 2022: the keys after prediction_type) | ddpm (the keys up to it)
-    # | flow (rectified flow on data scaled to unit variance by sigma_data, diffusion/flow.py: EDM's keys)
+    # flow (rectified flow on data scaled to unit variance by sigma_data, diffusion/flow.py: EDM's keys) |
+    # edm (Karras et al. 2022: the keys after prediction_type) | ddpm (the keys up to it)
+    formulation: str = "flow"
     num_train_timesteps: int = 1000  # T, the number of diffusion steps
     beta_schedule: str = "linear"  # linear (1e-4..0.02) | scaled_linear (linear scaled by 1000/T) | cosine
     beta_start: float = 0.0001
