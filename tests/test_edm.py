@@ -281,8 +281,9 @@ def test_tiny_edm_model_loss_falls(edm_run):
     assert last < 0.9 * first, f"mean loss of the first 10 steps {first:.3f}, of the last 10 {last:.3f}"
 
 
-def test_loss_falls_on_a_fixed_batch(data_root):
-    cfg = edm_cfg(data_root)
+@pytest.mark.parametrize("formulation", ["edm", "flow"])  # rectified flow shares the loss (flow.py)
+def test_loss_falls_on_a_fixed_batch(data_root, formulation):
+    cfg = edm_cfg(data_root, f"schedule.formulation={formulation}")
     torch.manual_seed(0)
     model = ConditionalUNet.from_run_config(cfg)
     y = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -119,25 +119,6 @@ def test_every_sampler_lands_on_the_one_clean_image_an_exact_velocity_points_to(
     torch.testing.assert_close(x, target, rtol=1e-4, atol=1e-4)
 
 
-def test_the_loss_falls_on_a_fixed_batch(data_root):
-    """The same noise levels and noise every step (random ones leave the velocity loss's large floor, the
-    unpredictable part of n, swamping 60 steps of a tiny run's progress)."""
-    cfg = flow_cfg(data_root)
-    torch.manual_seed(0)
-    model = ConditionalUNet.from_run_config(cfg)
-    y = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    sched = make_train_scheduler(cfg.schedule, sigma_data=float(y.std()))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = edm_loss(model, sched, y, torch.eye(24)[:4], torch.Generator().manual_seed(1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
-
-
 def test_a_tiny_flow_run_trains_and_every_sampler_gives_sane_images(flow_run):
     rows = [json.loads(line) for line in (flow_run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == TRAIN_STEPS and all(math.isfinite(r["loss"]) for r in rows)
