@@ -78,10 +78,20 @@ def denoise(model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, s
             previous: torch.Tensor | None = None) -> torch.Tensor:
     """D(x; sigma): the clean image the model estimates from noisy `x` at noise levels `sigma` (B,);
     `previous`: a self-conditioned model's last estimate (None: none yet)."""
-    s = sigma.reshape(-1, 1, 1, 1).to(x.dtype)
     extra = {"previous_estimate": previous / sigma_data} if previous is not None else {}
-    out = model(c_in(s, sigma_data) * x, c_noise(sigma), labels, **extra).to(x.dtype)
-    return c_skip(s, sigma_data) * x + c_out(s, sigma_data) * out
+    return _denoise(model, x, sigma, labels, lambda s: _edm_coefficients(s, sigma_data), extra)
+
+
+def scheduler_denoise(scheduler, model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """D(x; sigma) with the preconditioning `scheduler` was saved with (EDM or rectified flow)."""
+    return _denoise(model, x, sigma, labels, lambda s: coefficients(scheduler, s))
+
+
+def _denoise(model, x, sigma, labels, coefficients_at, extra: dict | None = None) -> torch.Tensor:
+    """c_skip x + c_out F(c_in x; c_noise) with the (c_skip, c_out, c_in, c_noise) that `coefficients_at` gives."""
+    skip, out_scale, scale_in, noise_cond = coefficients_at(sigma.reshape(-1, 1, 1, 1).to(x.dtype))
+    out = model(scale_in * x, noise_cond.flatten(), labels, **(extra or {})).to(x.dtype)
+    return skip * x + out_scale * out
 
 
 def sample_sigmas(
@@ -141,17 +151,11 @@ def coefficients(scheduler, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(c_skip, c_out, c_in, c_noise) at `sigma` of the preconditioning `scheduler` was saved with: EDM's
     with its sigma_data, or the scheduler's own (rectified flow, flow.py)."""
     own = getattr(scheduler, "coefficients", None)
-    if own is not None:
-        return own(sigma)
-    sd = float(scheduler.config.sigma_data)
-    return c_skip(sigma, sd), c_out(sigma, sd), c_in(sigma, sd), c_noise(sigma)
+    return own(sigma) if own is not None else _edm_coefficients(sigma, float(scheduler.config.sigma_data))
 
 
-def scheduler_denoise(scheduler, model, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """D(x; sigma) with the preconditioning `scheduler` was saved with (EDM or rectified flow)."""
-    skip, out_scale, scale_in, noise_cond = coefficients(scheduler, sigma.reshape(-1, 1, 1, 1).to(x.dtype))
-    out = model(scale_in * x, noise_cond.flatten(), labels).to(x.dtype)
-    return skip * x + out_scale * out
+def _edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    return c_skip(sigma, sigma_data), c_out(sigma, sigma_data), c_in(sigma, sigma_data), c_noise(sigma)
 
 
 def _self_conditioned(model) -> bool:

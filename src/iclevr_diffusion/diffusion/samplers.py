@@ -180,12 +180,9 @@ def unreliable_sampler_message(sampler: str, unet, train_scheduler: SchedulerMix
     if rms <= 1.0:
         return None
     if is_edm(train_scheduler):  # bounded by construction: far off means an untrained or broken model
-        from iclevr_diffusion.diffusion.flow import is_flow
-
-        check = "" if is_flow(train_scheduler) else ", or check schedule.sigma_data"
-        return (
+        return (  # rectified flow divides its pixels by sigma_data too (flow.py)
             f"this model's clean-image estimate at the noisiest step has RMS {rms:.1f} (a trained one is at "
-            f"most 1): expect poor images from any sampler; train it longer{check}."
+            "most 1): expect poor images from any sampler; train it longer, or check schedule.sigma_data."
         )
     return (
         f"{sampler} is likely to give saturated, off-colour images with this model: its clean-image estimate "
