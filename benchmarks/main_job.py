@@ -2,6 +2,7 @@
 
     python benchmarks/main_job.py                 # fresh cache: renders the data, trains, trains the evaluator
     python benchmarks/main_job.py --smoke         # the same commands on a tiny budget: seconds
+    python benchmarks/main_job.py --out benchmarks/results/main_job-avx2.json --grid docs/default_main_job_avx2.png
 
 It runs exactly the README's commands as subprocesses, `iclevr-diff train` (the default preset, 14
 minutes) and `iclevr-diff evaluate --seeds 4 --json` (its first use on the built-in data trains the
@@ -55,6 +56,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs/main-job"), help="--runs-dir of the main job")
     p.add_argument("--smoke", action="store_true", help="a tiny budget and 2 seeds: checks the script")
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/main_job.json)")
+    p.add_argument("--grid", type=Path, default=HERE.parent / "docs" / "default_main_job.png",
+                   help="where the run's last sample grid is copied (not with --smoke)")
     args = p.parse_args(argv)
     exe = str(Path(sys.executable).with_name("iclevr-diff"))
     cache = Path(tempfile.mkdtemp(prefix="iclevr-cache-"))
@@ -92,11 +96,11 @@ def main(argv=None) -> dict:
         "evaluate": scores,
         "spread": "population standard deviation over seeds",
     }
-    out = RESULTS / f"main_job{'-smoke' if args.smoke else ''}.json"
+    out = args.out or RESULTS / f"main_job{'-smoke' if args.smoke else ''}.json"
     write_json(out, result)
     grid = run.sample_grids()[-1]
     if not args.smoke:
-        shutil.copy(grid, HERE.parent / "docs" / "default_main_job.png")
+        shutil.copy(grid, args.grid)
     print(json.dumps({k: result[k] for k in ("train_wall_s", "evaluate_wall_s", "steps")}), file=sys.stderr)
     return result
 

@@ -28,6 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import machine_info
 from machine_info import machine
 from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
 
@@ -124,6 +125,9 @@ RECIPES: dict[str, list[str]] = {
     # the spread between training runs: two more seeds of rectified flow, a third of the EDM default
     "flow-scaled-seed1": [*_NOISE06, "schedule.formulation=flow", "seed=1"],
     "flow-scaled-seed2": [*_NOISE06, "schedule.formulation=flow", "seed=2"],
+    "flow-midnorm": [*_NOISE06, "schedule.formulation=flow", "model.mid_attention_norm=true"],
+    "flow-midnorm-seed1": [*_NOISE06, "schedule.formulation=flow", "model.mid_attention_norm=true", "seed=1"],
+    "flow-midnorm-seed2": [*_NOISE06, "schedule.formulation=flow", "model.mid_attention_norm=true", "seed=2"],
     "noise06-seed2": [*_NOISE06, "seed=2"],
 }
 
@@ -155,13 +159,15 @@ def main(argv=None) -> dict:
         steps_list, args.seeds, limit = [2, 4], 2, 4
     out = args.out or RESULTS / f"quality_at_steps{'-smoke' if args.smoke else ''}.json"
 
-    net, evaluator_name, rows, trained = None, None, [], []
+    net, evaluator_name, rows, trained, earlier_calls = None, None, [], [], []
     if out.is_file() and not args.smoke:  # rows an earlier call scored with the same seeds are kept, not redone
         import json
 
         earlier = json.loads(out.read_text())
         if earlier.get("seeds") == args.seeds:
             rows, trained = earlier.get("rows", []), earlier.get("trained", [])
+            # the file's machine block is the latest call's: keep every earlier call's (command, commit, CPU)
+            earlier_calls = [*earlier.get("earlier_calls", []), earlier["machine"]]
     for recipe in recipes:
         for steps in steps_list:
             overrides = [*base, *RECIPES[recipe], *args.set, f"train.max_steps={steps}", "train.max_minutes=null",
@@ -177,7 +183,8 @@ def main(argv=None) -> dict:
             trained.append({"recipe": recipe, "steps": result.step, "elapsed_s": round(result.elapsed_s, 1),
                             "images_per_s_overall": round(result.step * cfg.train.batch_size / result.elapsed_s, 1),
                             "images_per_s_last": _last_logged(run, "images_per_s"),
-                            "mixed_precision": result.mixed_precision, "run": str(run), "overrides": RECIPES[recipe]})
+                            "mixed_precision": result.mixed_precision, "run": str(run), "overrides": RECIPES[recipe],
+                            "cpu": machine_info.cpu_model(), "cpu_flags": machine_info.cpu_flags()})
             print(f"trained {recipe} {steps} steps in {result.elapsed_s:.0f} s", file=sys.stderr, flush=True)
             if args.train_only:
                 continue
@@ -199,13 +206,14 @@ def main(argv=None) -> dict:
                 rows.append({"recipe": recipe, "steps": result.step, "split": name, "conditions": len(conds),
                              "mean": round(statistics.mean(values), 2), "spread": round(statistics.pstdev(values), 2),
                              "seeds": [round(v, 2) for v in values], "sampler": s.sampler, "sampler_steps": s.steps,
-                             "guidance": s.guidance_scale})
+                             "guidance": s.guidance_scale, "cpu": machine_info.cpu_model()})
                 print(f"{recipe} {steps}: {name} {rows[-1]['mean']:.1f} ± {rows[-1]['spread']:.1f}",
                       file=sys.stderr, flush=True)
-            write_json(out, _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe))
+            write_json(out, _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe,
+                                    earlier_calls))
     if args.train_only:
         return {"trained": trained}
-    result = _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe)
+    result = _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe, earlier_calls)
     print_table(result)
     write_json(out, result)
     print(f"wrote {out}", file=sys.stderr)
@@ -232,7 +240,7 @@ def _batch_size(recipes) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe) -> dict:
+def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe, earlier_calls) -> dict:
     for row in rows:  # label by what the recipe is today: the shipped default or not
         row["recipe_name"] = row.get("recipe_name", row["recipe"])
         row["recipe"] = "default" if is_shipped_default(row["recipe_name"]) else row["recipe_name"]
@@ -240,6 +248,7 @@ def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pi
         "benchmark": "quality_at_steps",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(str(pipe.unet.device)),
+        "earlier_calls": earlier_calls,  # rows and runs that an earlier call added (their own "cpu" when recorded)
         "recipes": {r: RECIPES[r] for r in dict.fromkeys([*(t["recipe"] for t in trained), *recipes])},
         "steps": sorted({t["steps"] for t in trained} | set(steps_list)),
         "batch_size": _batch_size(recipes),

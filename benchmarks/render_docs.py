@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import render_tables as current  # noqa: E402
+import render_tables_attention as attention  # noqa: E402
 import render_tables_ddpm as ddpm  # noqa: E402
 import render_tables_gpu as gpu  # noqa: E402
 from render_tables import RenderError  # noqa: E402
@@ -55,6 +56,8 @@ KINDS = {
         gpu.gpu_throughput,
         gpu.gpu_short_runs,
         gpu.gpu_stability,
+        attention.attention_saturation,
+        attention.attention_kernels,
     )
 }
 

@@ -2,14 +2,21 @@
 reference, fp32 against bf16, and accuracy against guidance 1-5 (a PNG).
 
     python benchmarks/sampler_agreement.py --model runs/quality-at-steps/default-5200
-    python benchmarks/sampler_agreement.py --part samplers & python benchmarks/sampler_agreement.py \
-        --part reference,guidance --seeds 2 & wait; python benchmarks/sampler_agreement.py --merge
+    python benchmarks/sampler_agreement.py --part samplers --samplers heun,euler,dpm++ --seeds 16 & \
+    python benchmarks/sampler_agreement.py --part samplers,fp32 --samplers dpm++sde --seeds 16 & wait
+    python benchmarks/sampler_agreement.py --part reference,guidance --seeds 2
+    python benchmarks/sampler_agreement.py --merge
     python benchmarks/sampler_agreement.py --smoke            # tiny model and data, seconds
 
---part runs a share of the work (samplers: every sampler and the fp32 row; reference; guidance) into
-results/sampler_agreement.<part>.json, so two one-thread processes can share a 2-core CPU (on this
-project's Intel machine two one-thread processes do twice the work of one two-thread process);
---merge joins the parts into sampler_agreement.json and checks the targets.
+--part runs a share of the work (samplers: every sampler, or those --samplers names; fp32: the default
+sampler without bf16 autocast; reference; guidance) into results/sampler_agreement.<part>.json, so
+one-thread processes can share a 2-core CPU (two one-thread processes do more work than one two-thread
+process); --merge joins the parts into sampler_agreement.json and checks the targets.
+
+Seeds: the sampler rows are compared against a 3-point threshold, so they take 16 seeds. With 4 (256
+images) the seed-to-seed SD of the pooled accuracy is about 3.5 points, the standard error of a
+difference between two samplers about 2.5: a 3-point check at 4 seeds mostly measures which seeds were
+drawn. 16 seeds halve that.
 
 Accuracy is pooled over test and new_test (all hits over all 156 asked-for objects) per seed, then
 mean and spread (population standard deviation) over --seeds seeds, scored with the toolkit's
@@ -47,7 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="train a tiny model first; random evaluator")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--part", default="samplers,reference,guidance", help="which rows to run (comma-separated)")
+    p.add_argument("--part", default="samplers,fp32,reference,guidance", help="which rows to run (comma-separated)")
+    p.add_argument("--samplers", default=None, help="with --part samplers: only these (comma-separated; default all)")
     p.add_argument("--merge", action="store_true", help="join the --part files into the results file")
     p.add_argument("--plot", type=Path, default=None, help="guidance curve PNG (default docs/guidance.png)")
     args = p.parse_args(argv)
@@ -83,17 +91,26 @@ def main(argv=None) -> dict:
     w = cfg.sample.guidance_scale
     parts = [x.strip() for x in args.part.split(",") if x.strip()]
     got: dict = {"seeds": {}}
+    offered = samplers_for(pipe.scheduler)
     if args.merge:
+        rows_by_name = {}
         for path in sorted(out.parent.glob(f"{out.stem}.*.json")):  # the --part files
             part = json.loads(path.read_text())
             got["seeds"].update(part.pop("seeds"))
+            rows_by_name.update({r["name"]: r for r in part.pop("samplers", [])})
             got.update(part)
+        got["samplers"] = [rows_by_name[s] for s in offered if s in rows_by_name]
     default_steps_ = smoke_steps or default_steps(cfg.sample.sampler, cfg, pipe.scheduler)
     if "samplers" in parts and not args.merge:
-        got["samplers"] = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w)
-                           for s in samplers_for(pipe.scheduler)]
-        got["fp32"] = pooled(cfg.sample.sampler, default_steps_, w, autocast=False)
+        names = [s.strip() for s in args.samplers.split(",")] if args.samplers else offered
+        unknown = [s for s in names if s not in offered]
+        if unknown:
+            sys.exit(f"error: --samplers {unknown} not offered by this model; choose from {', '.join(offered)}.")
+        got["samplers"] = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w) for s in names]
         got["seeds"]["samplers"] = args.seeds
+    if "fp32" in parts and not args.merge:
+        got["fp32"] = pooled(cfg.sample.sampler, default_steps_, w, autocast=False)
+        got["seeds"]["fp32"] = args.seeds
     if "reference" in parts and not args.merge:
         ref_name, ref_steps = args.reference.split(":")
         got["reference"] = pooled(ref_name, int(ref_steps), w)
@@ -101,9 +118,11 @@ def main(argv=None) -> dict:
     if "guidance" in parts and not args.merge:
         got["guidance_curve"] = [pooled(cfg.sample.sampler, default_steps_, float(g)) for g in args.guidance.split(",")]
         got["seeds"]["guidance"] = args.seeds
-    if not args.merge and parts != ["samplers", "reference", "guidance"]:
-        write_json(out.with_suffix(f".{'-'.join(parts)}.json"), got)
-        print(f"wrote {out.with_suffix(f'.{chr(45).join(parts)}.json')}", file=sys.stderr)
+    if not args.merge and parts != ["samplers", "fp32", "reference", "guidance"]:
+        named = f"-{args.samplers.replace(',', '-')}" if args.samplers and "samplers" in parts else ""
+        stem = "-".join(parts) + named
+        write_json(out.with_suffix(f".{stem}.json"), got)
+        print(f"wrote {out.with_suffix(f'.{stem}.json')}", file=sys.stderr)
         return got
     rows, reference, fp32, curve = got["samplers"], got["reference"], got["fp32"], got["guidance_curve"]
     default = next(r for r in rows if r["name"] == cfg.sample.sampler)
@@ -131,7 +150,9 @@ def main(argv=None) -> dict:
             "fp32 and bf16 within 3 points": abs(fp32["accuracy"] - default["accuracy"]) <= 3,
         },
     }
-    _plot(curve, plot, cfg.sample.sampler, default["steps"], got["seeds"].get("guidance", args.seeds))
+    seeds = got["seeds"] if args.merge else {}
+    _plot(curve, plot, cfg.sample.sampler, default["steps"], seeds.get("guidance", args.seeds),
+          seeds.get("samplers", args.seeds))
     result["plot"] = str(plot)
     write_json(out, result)
     print(f"wrote {out} and {plot}", file=sys.stderr)
@@ -144,7 +165,7 @@ def _bf16(pipe) -> bool:
     return sampling_autocast(pipe.unet.device)
 
 
-def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -> None:
+def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int, default_seeds: int) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.4), dpi=120)
@@ -153,7 +174,8 @@ def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int) -
     ax.errorbar(xs, [r["accuracy"] for r in curve], yerr=[r["spread"] for r in curve], marker="o", capsize=3)
     ax.set_xlabel("classifier-free guidance scale")
     ax.set_ylabel("accuracy, test + new_test (%)")
-    ax.set_title(f"{sampler} {steps} steps, mean ± population SD over {seeds} seeds (4 at the default)", fontsize=9)
+    ax.set_title(f"{sampler} {steps} steps, mean ± population SD over {seeds} seeds "
+                 f"({default_seeds} at the default)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

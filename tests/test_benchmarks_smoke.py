@@ -120,6 +120,36 @@ def test_gpu_stability(tmp_path):
         assert [c["step"] for c in r["curve"]] == [1, 2, 3, 4] and all(c["max_abs_param"] > 0 for c in r["curve"])
 
 
+def test_main_job(tmp_path):
+    """The README's two commands as subprocesses on a fresh cache (a tiny budget): the run's steps, both
+    wall times, and 2 seeds scored per split by the evaluator its first use made."""
+    data = smoke("main_job.py", tmp_path)
+    assert data["steps"] == 2 and data["train_wall_s"] > 0 and data["evaluate_wall_s"] > 0
+    assert data["commands"][0].endswith("train --runs-dir runs/main-job --max-steps 2 --set data.synthetic_scenes=8 "
+                                        "--set sample.steps=2")
+    assert data["evaluator_first_use"]["source"] in ("trained", "shipped")
+    results = data["evaluate"]["results"]
+    assert {r["split"] for r in results} == {"test", "new_test"}
+    assert all(0 <= r["accuracy"] <= 1 and r["seeds"] == [0, 1] for r in results)
+
+
+def test_attention_check(tmp_path):
+    data = smoke("attention_check.py", tmp_path)
+    rows = data["rows"]  # the tiny run's two checkpoints and its exported EMA model
+    assert [(r["step"], r["weights"]) for r in rows] == [(2, "raw weights"), (4, "raw weights"), (None, "exported EMA")]
+    for r in rows:
+        assert "mid_block.attentions.0" in r["attention"]
+        for layer in r["attention"].values():
+            assert layer["max_abs_logit"] > 0 and 0 < layer["mean_top_weight"] <= 1
+        norms = r["gradient_norm"]  # unsaturated attention: both kernels give the same gradient
+        assert norms["fused fp32"] == approx(norms["math fp32"], rel=1e-4) and all(0 < n < 1e3 for n in norms.values())
+    sweep = data["kernel_sweep"]
+    assert [r["max_abs_logit"] for r in sweep] == sorted(r["max_abs_logit"] for r in sweep)
+    assert sweep[0]["fused"] == approx(sweep[0]["math"], rel=1e-4)
+    assert all(0 < r["math"] < 1e4 for r in sweep)  # the math kernel's backward stays finite and bounded
+    assert set(data["pass_seconds"]) == {"fused", "math"} and all(t > 0 for t in data["pass_seconds"].values())
+
+
 def _gpu_stability_variants():
     sys.path.insert(0, str(BENCH))
     import gpu_stability
@@ -181,3 +211,57 @@ def test_ema_lengths(tmp_path):
     data = smoke("ema_lengths.py", tmp_path)
     assert [r["kind"] for r in data["rows"]] == ["ema_decay 0.999", "share 0.25", "share 0.5", "raw"]
     assert all(0 <= r["mean"] <= 100 and len(r["seeds"]) == 2 for r in data["rows"]) and data["steps"] == 3
+
+
+def _agreement_checks_hold(data: dict) -> None:
+    rows = data["samplers"]
+    best = max(r["accuracy"] for r in rows)
+    default = next(r for r in rows if r["name"] == "heun")  # the smoke model's sampler
+    reference_loss = default["accuracy"] - data["reference"]["accuracy"]
+    assert data["checks"] == {
+        "every sampler within 3 points of the best": all(best - r["accuracy"] <= 3 for r in rows),
+        "reference not worse than the default by more than 3 points": reference_loss <= 3,
+        "fp32 and bf16 within 3 points": abs(data["fp32"]["accuracy"] - default["accuracy"]) <= 3,
+    }
+    for r in [*rows, data["reference"], data["fp32"], *data["guidance_curve"]]:
+        assert r["accuracy"] == approx(statistics.fmean(r["seeds"]), abs=0.006)
+        assert r["spread"] == approx(statistics.pstdev(r["seeds"]), abs=0.006)
+
+
+def test_sampler_agreement(tmp_path):
+    """One call, and the same work split into parts (one sampler subset each) joined by --merge: every
+    offered sampler once, in the offered order, and the checks computed from the rows."""
+    data = smoke("sampler_agreement.py", tmp_path)
+    assert [r["name"] for r in data["samplers"]] == ["heun", "euler", "dpm++", "dpm++sde"]
+    assert data["fp32"]["precision"] == "fp32" and data["seeds"] == 2
+    _agreement_checks_hold(data)
+
+    out = tmp_path / "parts" / "agreement.json"
+    for part in (["--part", "samplers", "--samplers", "dpm++sde,heun"], ["--part", "samplers,fp32", "--samplers",
+                 "euler,dpm++"], ["--part", "reference,guidance"]):
+        run("sampler_agreement.py", "--out", str(out), *part, tmp_path=tmp_path)
+    run("sampler_agreement.py", "--out", str(out), "--merge", tmp_path=tmp_path)
+    merged = json.loads(out.read_text())
+    assert [r["name"] for r in merged["samplers"]] == ["heun", "euler", "dpm++", "dpm++sde"]
+    assert merged["seeds"] == {"samplers": 2, "fp32": 2, "reference": 2, "guidance": 2}
+    _agreement_checks_hold(merged)
+
+
+def test_sampler_agreement_names_an_unknown_sampler(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ICLEVR_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, str(BENCH / "sampler_agreement.py"), "--smoke", "--part", "samplers",
+                          "--samplers", "ddim", "--out", str(tmp_path / "a.json")], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode != 0 and "--samplers ['ddim'] not offered by this model" in out.stderr
+
+
+def test_quality_at_steps(tmp_path):
+    """Each recipe x steps is its own run of exactly that many steps, scored per split; rows record the CPU."""
+    data = smoke("quality_at_steps.py", tmp_path, "--out", "--recipes", "default")
+    assert sorted((t["recipe"], t["steps"]) for t in data["trained"]) == [("default", 2), ("default", 4)]
+    assert all(t["cpu"] and "cpu_flags" in t for t in data["trained"])
+    assert sorted((r["steps"], r["split"]) for r in data["rows"]) == [
+        (2, "new_test"), (2, "test"), (4, "new_test"), (4, "test")]
+    for r in data["rows"]:
+        assert r["recipe"] == "default" and r["cpu"] and len(r["seeds"]) == data["seeds"] == 2
+        assert r["mean"] == approx(statistics.fmean(r["seeds"]), abs=0.006)

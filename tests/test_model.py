@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.diffusion.losses import diffusion_loss, snr_weights, target_for
-from iclevr_diffusion.diffusion.model import ConditionalUNet, count_parameters
+from iclevr_diffusion.diffusion.model import ConditionalUNet, ExactGradientAttnProcessor, count_parameters
 from iclevr_diffusion.diffusion.schedule import final_alpha_bar, make_train_scheduler
 from iclevr_diffusion.errors import IclevrError
 from tiny_data import DDPM, TINY_MODEL
@@ -50,6 +51,24 @@ def test_every_architecture_knob_reaches_the_unet():
     assert c.norm_num_groups == 4 and c.dropout == 0.2 and c.add_attention is False and c.attention_head_dim == 4
     assert list(c.down_block_types) == ["DownBlock2D", "AttnDownBlock2D"]
     assert list(c.up_block_types) == ["AttnUpBlock2D", "UpBlock2D"]
+
+
+def test_mid_attention_norm_normalises_what_the_middle_attention_sees():
+    plain = ConditionalUNet.from_run_config(load_config("default", [*TINY_MODEL, "model.time_scale_shift=scale_shift"]))
+    normed = ConditionalUNet.from_run_config(load_config("default", [*TINY_MODEL, "model.time_scale_shift=scale_shift",
+                                                                     "model.mid_attention_norm=true"]))
+    assert plain.unet.mid_block.attentions[0].group_norm is None  # diffusers' choice under AdaGN
+    norm = normed.unet.mid_block.attentions[0].group_norm
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 4
+    # Only the unnormalised attention trains on the math kernel; every other keeps diffusers' processor.
+    exact = [name for name, m in plain.named_modules()
+             if isinstance(m, Attention) and isinstance(m.processor, ExactGradientAttnProcessor)]
+    assert exact == ["unet.mid_block.attentions.0"]
+    assert not any(isinstance(m.processor, ExactGradientAttnProcessor)
+                   for m in normed.modules() if isinstance(m, Attention))
+    with pytest.raises(ValueError, match="mid_attention_norm"):
+        ConditionalUNet(sample_size=16, block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
+                        attention_head_dim=8, cross_attention=(False, True), mid_attention_norm=True)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -216,3 +235,24 @@ def test_a_model_without_cross_attention_has_no_label_tokens():
     with pytest.raises(ValueError, match="every level with self-attention"):
         ConditionalUNet(sample_size=16, block_out_channels=(8, 16), attention=(False, True), norm_num_groups=4,
                         attention_head_dim=8, cross_attention=(True, False))
+
+
+def test_saturated_attention_still_gives_finite_gradients():
+    # The default preset's middle-block attention (AdaGN: no group norm before it) reached logits of ~1e7
+    # by step 2,000, and its training stopped at step 3,025 on non-finite gradients from the CPU fused
+    # kernel's backward (BENCHMARKS.md, "Saturated attention in the middle block"). Queries and keys
+    # scaled up here give logits of ~8e8: the gradient must stay finite and of the size of the loss's
+    # (1.65 on the math kernel; the fused kernel's backward gives NaN here).
+    torch.manual_seed(0)
+    model = ConditionalUNet(sample_size=16, block_out_channels=(32, 32), attention=(False, True),
+                            layers_per_block=1, attention_head_dim=8, norm_num_groups=4,
+                            time_scale_shift="scale_shift")
+    attention = model.unet.mid_block.attentions[0]
+    assert attention.group_norm is None  # why the logits can grow without bound
+    with torch.no_grad():
+        attention.to_q.weight.mul_(3e4)
+        attention.to_k.weight.mul_(3e4)
+    x, labels = torch.randn(4, 3, 16, 16), torch.zeros(4, 24)
+    model(x, torch.tensor([3, 7, 9, 20]), labels).square().mean().backward()
+    norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters() if p.grad is not None))
+    assert torch.isfinite(norm) and norm < 1e6, norm

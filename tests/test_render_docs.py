@@ -271,3 +271,34 @@ def test_ema_lengths_table_has_a_column_per_run_and_bolds_the_best(tmp_path):
     assert "| the default's EMA (`ema_decay` 0.999, warmed up: the last ~11% of the steps, at most 1,000 steps) |" \
         in text
     assert "| EMA over the last 25% of the steps | 50.1% ± 0.5 |" in text
+
+
+def test_attention_tables_show_saturation_kernels_and_timing(tmp_path):
+    """A run's checkpoints give one row each (the exported EMA by name); the kernel sweep gives a column
+    pair per file that has one, a non-finite gradient reads "inf", and every file's timing is in the note."""
+    layer = {"max_abs_logit": 1947.9, "mean_top_weight": 0.863, "normalised_input": True}
+    mid = {"max_abs_logit": 7679625.5, "mean_top_weight": 0.99999, "normalised_input": False}
+    norms = {"fused fp32": 0.3972, "fused bf16": 0.3997, "math fp32": 0.3971, "math bf16": 0.40}
+    rows = [{"step": step, "weights": kind, "gradient_norm": norms,
+             "attention": {"down_blocks.2.attentions.0": layer, "mid_block.attentions.0": mid}}
+            for step, kind in ((2000, "raw weights"), (None, "exported EMA"))]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "run.json").write_text(json.dumps(
+        {"machine": MACHINE, "run": "runs/flow-3025", "batch": 16, "rows": rows,
+         "pass_seconds": {"fused": 0.5, "math": 0.4}}))
+    sweep = [{"max_abs_logit": 10.0, "fused": 254.3, "math": 254.3},
+             {"max_abs_logit": 1e9, "fused": float("inf"), "math": 363.0}]
+    (tmp_path / "results" / "kernels.json").write_text(json.dumps(
+        {"machine": {**MACHINE, "cpu_flags": ["avx2"]}, "run": None, "batch": 16, "rows": [],
+         "kernel_sweep": sweep, "pass_precision": "fp32", "pass_seconds": {"fused": 1.0, "math": 1.1}}))
+    doc = tmp_path / "DOC.md"
+    doc.write_text("<!-- render:attention_saturation results/run.json -->\n<!-- /render -->\n\n"
+                   "<!-- render:attention_kernels results/kernels.json results/run.json -->\n<!-- /render -->\n")
+    assert cli(doc).returncode == 0
+    text = doc.read_text()
+    assert "| `flow-3025` | 2,000 | no | 7.7e6 | 1.000 | 1,948 | 0.86 | 0.397 | 0.397 | 0.400 | 0.400 |" in text
+    assert "| `flow-3025` | exported EMA | no |" in text
+    assert "| largest abs logit | fused, Test CPU (AVX2 only) | math, Test CPU (AVX2 only) |" in text
+    assert "| 10 | 254 | 254 |" in text and "| 1.0e9 | inf | 363 |" in text
+    assert "Test CPU, fp32, 1 thread(s): fused 1.000 s, math 1.100 s (1.10x)" in text
+    assert "Test CPU, bf16 autocast, 1 thread(s): fused 0.500 s, math 0.400 s (0.80x)" in text

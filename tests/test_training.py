@@ -271,11 +271,20 @@ def test_builtin_synthetic_data_when_no_root(tmp_path, monkeypatch):
 
 
 def test_mixed_precision_auto_picks_the_faster_of_the_two_it_timed(data_root, monkeypatch):
+    from iclevr_diffusion import precision
     from iclevr_diffusion.training import loop as training
 
     cfg = tiny_cfg(data_root, "train.mixed_precision=auto", "train.max_steps=1")
     model = ConditionalUNet.from_run_config(cfg)
     before = torch.get_rng_state()
+    # This CPU as it is: without native bf16 (an AVX2-only one) bf16 is emulated, so fp32, nothing timed.
+    notes = []
+    native = precision.cpu_has_native_bf16()
+    choice = training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2, note=notes.append)
+    if not native:
+        assert choice == "no" and notes == []
+    # Timed for real (taken as a CPU with native bf16 where it is not: emulated bf16 still runs).
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     notes = []
     choice = training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2, note=notes.append)
     # The note reports both speeds this CPU measured just now; the choice must be the faster one.
@@ -291,6 +300,9 @@ def test_mixed_precision_auto_picks_the_faster_of_the_two_it_timed(data_root, mo
     # The decision itself, with the timings (seconds per pass: fp32, bf16) given instead of measured.
     monkeypatch.setattr(training, "_time_precisions", lambda *a, **k: (1.0, 0.5))
     assert training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # emulated bf16: not even timed
+    assert training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) == "no"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(training, "_time_precisions", lambda *a, **k: (0.5, 1.0))
     assert training.resolve_mixed_precision(cfg, torch.device("cpu"), model, 2) == "no"
     # Neither CPU nor CUDA: no autocast, nothing timed. A fixed choice is kept as given.

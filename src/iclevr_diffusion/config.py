@@ -51,6 +51,8 @@ class ModelConfig:
     norm_num_groups: int = 32  # GroupNorm groups (must divide every channel count)
     dropout: float = 0.0  # dropout inside the resnet blocks
     mid_attention: bool = True  # self-attention in the middle block
+    # a GroupNorm before the middle block's attention, which diffusers leaves out under AdaGN (model.py)
+    mid_attention_norm: bool = False
     patch_size: int = 2  # fold p x p pixel patches into channels: the UNet runs at image_size / p
     patch_head: int = 0  # channels of a small residual conv head at full resolution after unpatching (0 = none)
     # how patches enter and leave the UNet: fold (pixel_unshuffle / pixel_shuffle) | overlap (a strided

@@ -26,6 +26,13 @@ scale and shift from the time + label embedding (AdaGN, Dhariwal & Nichol 2021) 
 `timestep_scale` multiplies the timestep the scheduler passes (EDM's c_noise = ln(sigma) / 4) before
 the sinusoidal embedding; see edm.EDM_TIMESTEP_SCALE (rectified flow's t in [0, 1]: flow.FLOW_TIMESTEP_SCALE).
 
+`mid_attention_norm` puts a GroupNorm before the middle block's self-attention. diffusers' UNet2DModel
+has one there only with `time_scale_shift="default"`; under AdaGN the attention sees the unnormalised
+residual stream, and in the default preset's runs its logits reached ~1e7 by step 2,000 and stayed
+there: every position attends to a single other one, and training computes that layer's gradients on
+PyTorch's math kernel (exact_attention_gradients below). On val after 1,150 steps the norm made no
+difference (BENCHMARKS.md), so the default leaves it off.
+
 `cross_attention` (one flag per level) gives the UNet one token per class to attend to: the class's
 embedding plus a learned "asked for" or "not asked for" embedding. The time + label embedding reaches
 every pixel alike, so it can say which objects the scene holds but not where each one goes; with
@@ -42,12 +49,16 @@ gradients; sampling feeds it the estimate of the previous network evaluation.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from iclevr_diffusion.config import Config, DataConfig, ModelConfig
 from iclevr_diffusion.diffusion.edm import EDM_TIMESTEP_SCALE
@@ -82,6 +93,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
         self_condition: bool = False,
         patch_head: int = 0,
         patch_embed: str = "fold",
+        mid_attention_norm: bool = False,
     ):
         super().__init__()
         if len(attention) != len(block_out_channels):
@@ -104,6 +116,9 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=time_scale_shift,
         )
         if any(cross_attention):
+            if mid_attention_norm:
+                raise ValueError("mid_attention_norm is for models without cross_attention (whose middle block "
+                                 "normalises before attending)")
             self.unet = _cross_attention_unet(common, attention, cross_attention, attention_head_dim, mid_attention)
             self.label_tokens = LabelTokens(num_classes, block_out_channels[-1])
         else:
@@ -115,7 +130,11 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
                 up_block_types=tuple(up),
                 attention_head_dim=attention_head_dim,
                 add_attention=mid_attention,
+                attn_norm_num_groups=norm_num_groups if mid_attention_norm else None,
             )
+            for layer in getattr(self.unet.mid_block, "attentions", []):
+                if isinstance(layer, Attention) and layer.group_norm is None:  # AdaGN without mid_attention_norm
+                    layer.set_processor(ExactGradientAttnProcessor())
         if patch_embed == "overlap" and patch_size > 1:
             # A 2p x 2p kernel at stride p: every UNet position sees its patch and half of each neighbour,
             # and (transposed, out) every pixel is drawn from the 2x2 positions around it.
@@ -150,6 +169,7 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
             self_condition=m.self_condition,
             patch_head=m.patch_head,
             patch_embed=m.patch_embed,
+            mid_attention_norm=m.mid_attention_norm,
         )
 
     def forward(
@@ -180,6 +200,35 @@ class ConditionalUNet(ModelMixin, ConfigMixin):
     @property
     def self_conditioned(self) -> bool:
         return bool(self.config.self_condition)  # diffusers fills the key in for folders saved before it existed
+
+
+def exact_attention_gradients():
+    """While gradients are recorded, attention runs on PyTorch's plain (math) kernel; sampling keeps the
+    fused one. Used by ExactGradientAttnProcessor, for the middle block's attention under AdaGN.
+
+    With AdaGN (`time_scale_shift="scale_shift"`) diffusers gives the middle block's attention no group
+    norm, so its input is the unnormalised residual stream: in the default preset's 22,700-step run its
+    largest logit was ~1e7 from step 2,000 on (one-hot attention), and training stopped at step 3,025
+    after 20 batches in a row with a non-finite gradient norm. The forward pass is right on every kernel,
+    but the CPU fused kernel's backward (torch 2.14) drifts from 1e7 on and is non-finite by 1e9, while
+    the math kernel's stays finite (benchmarks/attention_check.py, BENCHMARKS.md "Saturated attention in
+    the middle block"). The middle block attends over a few dozen positions, so the math kernel costs
+    nothing there; it is used on CUDA too, where fused backward kernels have given NaN for very large
+    queries and keys (pytorch/pytorch#125674). The normalised layers, whose logits stayed below ~2,000,
+    keep the fused kernel and its memory savings at large resolutions."""
+    if not torch.is_grad_enabled():
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class ExactGradientAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention, on the math kernel while gradients are recorded (exact_attention_gradients)."""
+
+    # The parent's parameters, spelled out: diffusers drops (with a warning) keyword arguments that the
+    # processor's signature does not name, such as the temb it passes to every processor.
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        with exact_attention_gradients():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class LabelTokens(nn.Module):
