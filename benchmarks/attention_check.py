@@ -5,16 +5,17 @@
     python benchmarks/attention_check.py --out benchmarks/results/attention_check-kernels.json
     python benchmarks/attention_check.py --smoke --out /tmp/a.json   # a tiny model trained 4 steps: seconds
 
-With `--run`: for every checkpoint of the run (and the exported EMA model), on one fixed batch of 16 training images
-at noise levels and noise drawn from seed 0, each self-attention layer's largest |logit| and how much
-of each query's attention goes to its single largest key (1.0: every position copies one other), then
-the gradient norm of the training loss with every attention on PyTorch's fused kernel (diffusers'
-default) and with the unnormalised middle-block attention on its math kernel (what training does since
-this check: model.ExactGradientAttnProcessor), in fp32 and in bf16 autocast. Always: the kernel sweep, one attention call of the default's middle
-block shape (batch 16, 4 heads, 8 x 8 positions, 32 channels each) with random queries and keys scaled
-until the largest |logit| reaches 1e1 ... 1e9, and the gradient norm of each kernel's backward, fp32;
-then the time of a training pass (forward + backward, bf16 autocast only on a CPU with native bf16) on
-each kernel, alternated so other load hits both alike, on the run's model or the default preset's.
+With `--run`: for every checkpoint of the run (and the exported EMA model), on one fixed batch of
+16 training images at noise levels and noise drawn from seed 0, each self-attention layer's largest
+|logit| and how much of each query's attention goes to its single largest key (1.0: every position
+copies one other), then the gradient norm of the training loss with every attention on PyTorch's
+fused kernel (diffusers' default) and with the unnormalised middle-block attention on its math kernel
+(what training does since this check: model.ExactGradientAttnProcessor), in fp32 and in bf16
+autocast. Always: the kernel sweep, one attention call of the default's middle block shape (batch 16,
+4 heads, 8 x 8 positions, 32 channels each) with random queries and keys scaled until the largest
+|logit| reaches 1e1 ... 1e9, and the gradient norm of each kernel's backward, fp32; then the time of a
+training pass (forward + backward, bf16 autocast only on a CPU with native bf16) on each kernel,
+alternated so other load hits both alike, on the run's model or the default preset's.
 """
 
 from __future__ import annotations

@@ -248,23 +248,30 @@ def main_job(files, opts):
 
 
 def readme_quality(files, opts):
-    """The README's quality table: the main job (main_job.json), then the default and the previous
-    default at each step count of quality_at_steps.json."""
+    """The README's quality table: the main job (main_job.json, and a row for each other main_job*.json,
+    each named by its CPU), then the default and the previous defaults at each step count of
+    quality_at_steps.json."""
     by = {Path(p).name: (p, d) for p, d in files}
-    out = []
-    mj_path, mj = by["main_job.json"]
-    acc_mj = main_job_accuracy(mj)
-    ips = mj.get("images_per_s_last")
-    # A main job of an earlier default names its recipe (quality_at_steps.py's name for that config).
-    earlier = f" of an earlier default ({PREVIOUS[mj['recipe']]})" if mj.get("recipe", "default") != "default" else ""
-    out.append(
-        [
-            f"`iclevr-diff train`{earlier} (the main job: {minutes(mj.get('train_wall_s'))} wall on a fresh cache, "
-            "rendering included)",
-            f"{num(mj.get('steps'))} steps, {num(ips, 1)} images/s (last logged)",
-            *[acc(*acc_mj[s][:2]) if s in acc_mj else "not run" for s in ("test", "new_test")],
-        ]
-    )
+    out, acc_mjs = [], []
+    main_jobs = [(p, d) for p, d in files if Path(p).name.startswith("main_job")]  # one row per machine
+    for _, mj in main_jobs:
+        acc_mj = main_job_accuracy(mj)
+        acc_mjs.append(acc_mj)
+        ips = mj.get("images_per_s_last")
+        # A main job of an earlier default names its recipe (quality_at_steps.py's name for that config).
+        recipe = mj.get("recipe", "default")
+        earlier = f" of an earlier default ({PREVIOUS[recipe]})" if recipe != "default" else ""
+        machine = machine_of(mj)
+        avx2 = " (AVX2 only)" if "avx512f" not in (machine.get("cpu_flags") or ["avx512f"]) else ""
+        where = f" on the {machine.get('cpu') or NOT_RECORDED}{avx2}" if len(main_jobs) > 1 else ""
+        out.append(
+            [
+                f"`iclevr-diff train`{earlier} (the main job{where}: {minutes(mj.get('train_wall_s'))} wall on a "
+                "fresh cache, rendering included)",
+                f"{num(mj.get('steps'))} steps, {num(ips, 1)} images/s (last logged)",
+                *[acc(*acc_mj[s][:2]) if s in acc_mj else "not run" for s in ("test", "new_test")],
+            ]
+        )
     qp, q = by["quality_at_steps.json"]
     names = {"default": "the default preset", **{k: f"an earlier default ({v})" for k, v in PREVIOUS.items()},
              "ddpm-minsnr": "the DDPM default before those (epsilon, min-SNR 5, DDIM 25)"}
@@ -280,13 +287,13 @@ def readme_quality(files, opts):
                 *[acc(c[s]["mean"], c[s].get("spread")) if s in c else "not run" for s in ("test", "new_test")],
             ]
         )
-    seeds = sorted({len(r["seeds"]) for r in q["rows"]} | {v[2] for v in acc_mj.values()})
+    seeds = sorted({len(r["seeds"]) for r in q["rows"]} | {v[2] for a in acc_mjs for v in a.values()})
     cond = sorted({r.get("conditions") for r in q["rows"] if r["split"] in ("test", "new_test")} - {None})
     note = (
         f"{SPREAD} Seeds: {' or '.join(map(str, seeds))}; conditions per split: "
         f"{' or '.join(map(str, cond)) or NOT_RECORDED}."
     )
-    return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([by["main_job.json"], (qp, q)], note)
+    return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([*main_jobs, (qp, q)], note)
 
 
 def sampler_agreement(files, opts):
