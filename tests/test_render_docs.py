@@ -34,6 +34,14 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+def rendered(tmp_path: Path, *specs: str) -> str:
+    """The text of DOC.md holding one marker per spec ("KIND FILES"), after the CLI rendered it."""
+    doc = tmp_path / "DOC.md"
+    doc.write_text("\n\n".join(f"<!-- render:{spec} -->\n<!-- /render -->" for spec in specs) + "\n")
+    assert cli(doc).returncode == 0
+    return doc.read_text()
+
+
 def tiny_results(tmp_path: Path, means=(41.67, 58.93), machine=MACHINE) -> Path:
     rows = [
         {
@@ -226,11 +234,7 @@ def test_gpu_tables_show_every_run_and_a_stopped_run_with_its_error(tmp_path):
             for i, (ips, step) in enumerate([(500.4, 465), (326.0, 432)])]
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "nan.json").write_text(json.dumps({"benchmark": "assembled", "runs": runs}))
-    doc = tmp_path / "DOC.md"
-    doc.write_text("<!-- render:gpu_throughput results/nan.json -->\n<!-- /render -->\n\n"
-                   "<!-- render:gpu_short_runs results/nan.json -->\n<!-- /render -->\n")
-    assert cli(doc).returncode == 0
-    text = doc.read_text()
+    text = rendered(tmp_path, "gpu_throughput results/nan.json", "gpu_short_runs results/nan.json")
     assert "| default preset, bf16 | 16 | 2.00M | 500 | 326 | 0.25 |" in text
     assert "| default | 2 | stopped | - | - | - | - | Loss became nan at step 432 |" in text
     assert "`results/nan.json` (run 2 of 2); command: `python benchmarks/quality_at_steps.py --seeds 2`; commit: c1;" \
@@ -291,11 +295,8 @@ def test_attention_tables_show_saturation_kernels_and_timing(tmp_path):
     (tmp_path / "results" / "kernels.json").write_text(json.dumps(
         {"machine": {**MACHINE, "cpu_flags": ["avx2"]}, "run": None, "batch": 16, "rows": [],
          "kernel_sweep": sweep, "pass_precision": "fp32", "pass_seconds": {"fused": 1.0, "math": 1.1}}))
-    doc = tmp_path / "DOC.md"
-    doc.write_text("<!-- render:attention_saturation results/run.json -->\n<!-- /render -->\n\n"
-                   "<!-- render:attention_kernels results/kernels.json results/run.json -->\n<!-- /render -->\n")
-    assert cli(doc).returncode == 0
-    text = doc.read_text()
+    text = rendered(tmp_path, "attention_saturation results/run.json",
+                    "attention_kernels results/kernels.json results/run.json")
     assert "| `flow-3025` | 2,000 | no | 7.7e6 | 1.000 | 1,948 | 0.86 | 0.397 | 0.397 | 0.400 | 0.400 |" in text
     assert "| `flow-3025` | exported EMA | no |" in text
     assert "| largest abs logit | fused, Test CPU (AVX2 only) | math, Test CPU (AVX2 only) |" in text
