@@ -68,6 +68,12 @@ def saturation(model, run_pass) -> dict[str, dict]:
     return out
 
 
+def _norm(tensors) -> float:
+    """The L2 norm over all tensors, inf where it overflows or any entry is not finite."""
+    squares = sum(t.double().square().sum() for t in tensors).item()
+    return math.sqrt(squares) if math.isfinite(squares) else float("inf")
+
+
 def gradient_norm(model, run_pass, fused: bool, bf16: bool) -> float:
     from iclevr_diffusion.diffusion import model as model_module
 
@@ -77,8 +83,7 @@ def gradient_norm(model, run_pass, fused: bool, bf16: bool) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = run_pass()
         loss.float().backward()
-        squares = sum(p.grad.double().square().sum() for p in model.parameters() if p.grad is not None)
-        return math.sqrt(squares.item()) if math.isfinite(squares.item()) else float("inf")
+        return _norm(p.grad for p in model.parameters() if p.grad is not None)
     finally:
         model_module.exact_attention_gradients = saved
         model.zero_grad(set_to_none=True)
@@ -101,8 +106,7 @@ def kernel_sweep(shape=(16, 4, 64, 32), logits=(1e1, 1e3, 1e5, 1e6, 1e7, 1e8, 1e
             with sdpa_kernel(backend) if backend else contextlib.nullcontext():
                 out = torch.nn.functional.scaled_dot_product_attention(*leaves)
             (out * w).sum().backward()
-            squares = sum(t.grad.double().square().sum() for t in leaves).item()
-            row[name] = math.sqrt(squares) if math.isfinite(squares) else float("inf")
+            row[name] = _norm(t.grad for t in leaves)
         rows.append(row)
     return rows
 
@@ -147,6 +151,7 @@ def main(argv=None) -> dict:
     from iclevr_diffusion.diffusion.losses import diffusion_loss
     from iclevr_diffusion.diffusion.model import ConditionalUNet
     from iclevr_diffusion.diffusion.schedule import make_train_scheduler
+    from iclevr_diffusion.io import write_json
     from iclevr_diffusion.precision import cpu_has_native_bf16
     from iclevr_diffusion.training.batches import build_dataset
 
@@ -195,10 +200,7 @@ def main(argv=None) -> dict:
               "run": str(args.run) if args.run else None, "batch": args.batch, "rows": rows, "kernel_sweep": sweep,
               "pass_precision": "bf16 autocast" if bf16 else "fp32",
               "pass_seconds": pass_seconds(model, run_pass, args.timing_rounds, bf16) if args.timing_rounds else None}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result, indent=1)
     print(f"wrote {args.out}")
     return result
 

@@ -29,7 +29,6 @@ import sys
 from pathlib import Path
 
 import machine_info
-from machine_info import machine
 from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.config import load_config
@@ -247,7 +246,7 @@ def _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pi
     return {
         "benchmark": "quality_at_steps",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(str(pipe.unet.device)),
+        "machine": machine_info.machine(str(pipe.unet.device)),
         "earlier_calls": earlier_calls,  # rows and runs that an earlier call added (their own "cpu" when recorded)
         "recipes": {r: RECIPES[r] for r in dict.fromkeys([*(t["recipe"] for t in trained), *recipes])},
         "steps": sorted({t["steps"] for t in trained} | set(steps_list)),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from render_tables import NOT_RECORDED, footer, num, table
+from render_tables import NOT_RECORDED, footer, machine_of, num, table
 
 MID = "mid_block.attentions.0"
 
@@ -54,8 +54,9 @@ def attention_kernels(files, opts):
     for _, d in files:
         if not d.get("kernel_sweep"):  # an early file: timing only
             continue
-        cpu = (d.get("machine") or {}).get("cpu") or NOT_RECORDED
-        flags = "avx512_bf16" if "avx512_bf16" in (d.get("machine") or {}).get("cpu_flags", []) else "AVX2 only"
+        machine = machine_of(d)
+        cpu = machine.get("cpu") or NOT_RECORDED
+        flags = "avx512_bf16" if "avx512_bf16" in (machine.get("cpu_flags") or []) else "AVX2 only"
         header += [f"fused, {cpu} ({flags})", f"math, {cpu} ({flags})"]
         columns.append({r["max_abs_logit"]: r for r in d["kernel_sweep"]})
     logits = sorted({x for c in columns for x in c})
@@ -67,9 +68,9 @@ def attention_kernels(files, opts):
     for _, d in files:
         t = d.get("pass_seconds")
         if t:
-            cpu = (d.get("machine") or {}).get("cpu") or NOT_RECORDED
-            timing.append(f"{cpu}, {d.get('pass_precision', 'bf16 autocast')}, "
-                          f"{(d.get('machine') or {}).get('torch_threads', NOT_RECORDED)} thread(s): "
+            machine = machine_of(d)
+            timing.append(f"{machine.get('cpu') or NOT_RECORDED}, {d.get('pass_precision', 'bf16 autocast')}, "
+                          f"{machine.get('torch_threads', NOT_RECORDED)} thread(s): "
                           f"fused {t['fused']:.3f} s, math {t['math']:.3f} s ({t['math'] / t['fused']:.2f}x)")
     note = ("Gradient norm of one attention call's backward (batch 16, 4 heads, 64 positions, 32 channels: the "
             "default's middle block) with random queries and keys scaled to the largest |logit| of the row, fp32. "
