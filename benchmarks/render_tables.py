@@ -273,16 +273,20 @@ def readme_quality(files, opts):
             ]
         )
     qp, q = by["quality_at_steps.json"]
+    # quality_at_steps-*.json: another training run of a recipe, its row under the main file's
+    reruns = [(p, d) for p, d in files if Path(p).name.startswith("quality_at_steps-")]
     names = {"default": "the default preset", **{k: f"an earlier default ({v})" for k, v in PREVIOUS.items()},
              "ddpm-minsnr": "the DDPM default before those (epsilon, min-SNR 5, DDIM 25)"}
     cells: dict[tuple, dict] = {}
-    for r in q["rows"]:
-        if r["recipe"] in names and r["split"] in ("test", "new_test"):
-            cells.setdefault((r["steps"], list(names).index(r["recipe"])), {})[r["split"]] = r
-    for (steps, i), c in sorted(cells.items()):
+    for order, (_, qd) in enumerate([(qp, q), *reruns]):
+        for r in qd["rows"]:
+            if r["recipe"] in names and r["split"] in ("test", "new_test"):
+                cells.setdefault((r["steps"], list(names).index(r["recipe"]), order), {})[r["split"]] = r
+    for (steps, i, order), c in sorted(cells.items()):
+        again = f": {_another_run(*reruns[order - 1], steps)}" if order else ""
         out.append(
             [
-                f"{list(names.values())[i]}, exactly {steps:,} steps",
+                f"{list(names.values())[i]}, exactly {steps:,} steps{again}",
                 f"{steps:,} steps of batch {q['batch_size']}",
                 *[acc(c[s]["mean"], c[s].get("spread")) if s in c else "not run" for s in ("test", "new_test")],
             ]
@@ -293,7 +297,19 @@ def readme_quality(files, opts):
         f"{SPREAD} Seeds: {' or '.join(map(str, seeds))}; conditions per split: "
         f"{' or '.join(map(str, cond)) or NOT_RECORDED}."
     )
-    return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([*main_jobs, (qp, q)], note)
+    return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([*main_jobs, (qp, q), *reruns], note)
+
+
+def _another_run(path: str, data: dict, steps: int) -> str:
+    """How a quality_at_steps-*.json run differs from the main file's: where and in what precision it
+    trained, and at which commit."""
+    trained = next((t for t in data.get("trained", []) if t["steps"] == steps), None)
+    if trained is None:
+        raise RenderError(f"{path}: no `trained` entry for its {steps:,}-step rows (where and how it trained)")
+    avx2 = " (AVX2 only)" if "avx512f" not in trained.get("cpu_flags", ["avx512f"]) else ""
+    precision = {"no": "fp32", "bf16": "bf16 autocast"}.get(trained.get("mixed_precision"), NOT_RECORDED)
+    commit = machine_of(data).get("commit") or NOT_RECORDED
+    return f"another training run, {precision} on the {trained.get('cpu') or NOT_RECORDED}{avx2}, code of {commit}"
 
 
 def sampler_agreement(files, opts):
@@ -302,7 +318,8 @@ def sampler_agreement(files, opts):
     rows = []
     entries = [(s, "") for s in d.get("samplers", [])]
     entries += [(d["reference"], " (long stochastic reference)")] if d.get("reference") else []
-    entries += [(d["fp32"], "")] if d.get("fp32") else []
+    other = d.get("other_precision") or d.get("fp32")  # "fp32" in files written before 2026-12-02
+    entries += [(other, "")] if other else []
     for s, note in entries:
         nfe = NFE.get(s["name"], lambda n: n)(s["steps"])
         rows.append(

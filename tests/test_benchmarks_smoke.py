@@ -222,9 +222,9 @@ def _agreement_checks_hold(data: dict) -> None:
     assert data["checks"] == {
         "every sampler within 3 points of the best": all(best - r["accuracy"] <= 3 for r in rows),
         "reference not worse than the default by more than 3 points": reference_loss <= 3,
-        "fp32 and bf16 within 3 points": abs(data["fp32"]["accuracy"] - default["accuracy"]) <= 3,
+        "fp32 and bf16 within 3 points": abs(data["other_precision"]["accuracy"] - default["accuracy"]) <= 3,
     }
-    for r in [*rows, data["reference"], data["fp32"], *data["guidance_curve"]]:
+    for r in [*rows, data["reference"], data["other_precision"], *data["guidance_curve"]]:
         assert r["accuracy"] == approx(statistics.fmean(r["seeds"]), abs=0.006)
         assert r["spread"] == approx(statistics.pstdev(r["seeds"]), abs=0.006)
 
@@ -234,17 +234,19 @@ def test_sampler_agreement(tmp_path):
     offered sampler once, in the offered order, and the checks computed from the rows."""
     data = smoke("sampler_agreement.py", tmp_path)
     assert [r["name"] for r in data["samplers"]] == ["heun", "euler", "dpm++", "dpm++sde"]
-    assert data["fp32"]["precision"] == "fp32" and data["seeds"] == 2
+    # the default sampler in the precision the machine does not sample in by default
+    assert {data["other_precision"]["precision"], data["samplers"][0]["precision"]} == {"fp32", "bf16"}
+    assert data["seeds"] == 2
     _agreement_checks_hold(data)
 
     out = tmp_path / "parts" / "agreement.json"
-    for part in (["--part", "samplers", "--samplers", "dpm++sde,heun"], ["--part", "samplers,fp32", "--samplers",
+    for part in (["--part", "samplers", "--samplers", "dpm++sde,heun"], ["--part", "samplers,precision", "--samplers",
                  "euler,dpm++"], ["--part", "reference,guidance"]):
         run("sampler_agreement.py", "--out", str(out), *part, tmp_path=tmp_path)
     run("sampler_agreement.py", "--out", str(out), "--merge", tmp_path=tmp_path)
     merged = json.loads(out.read_text())
     assert [r["name"] for r in merged["samplers"]] == ["heun", "euler", "dpm++", "dpm++sde"]
-    assert merged["seeds"] == {"samplers": 2, "fp32": 2, "reference": 2, "guidance": 2}
+    assert merged["seeds"] == {"samplers": 2, "precision": 2, "reference": 2, "guidance": 2}
     _agreement_checks_hold(merged)
 
 
@@ -252,6 +254,11 @@ def test_sampler_agreement_names_an_unknown_sampler(tmp_path):
     out = run("sampler_agreement.py", "--part", "samplers", "--samplers", "ddim", "--out", str(tmp_path / "a.json"),
               tmp_path=tmp_path, ok=False)
     assert out.returncode != 0 and "--samplers ['ddim'] not offered by this model" in out.stderr
+
+
+def test_sampler_agreement_names_an_unknown_part(tmp_path):
+    out = run("sampler_agreement.py", "--part", "samplers,fp32", tmp_path=tmp_path, ok=False)
+    assert out.returncode != 0 and "--part ['fp32'] unknown; choose from samplers, precision" in out.stderr
 
 
 def test_quality_at_steps(tmp_path):

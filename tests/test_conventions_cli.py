@@ -59,10 +59,15 @@ def test_help_lists_the_choices(command, listing):
     assert listing in result.output.replace(", ", ","), result.output
 
 
-def test_shell_completion_is_offered_and_completes_choices():
+def test_shell_completion_is_offered_and_completes_choices(monkeypatch):
+    import shellingham
+
     assert "--install-completion" in runner.invoke(app, ["--help"]).output
-    script = runner.invoke(app, ["--show-completion", "bash"])
-    assert script.exit_code == 0 and "_ICLEVR_DIFF_COMPLETE=complete_bash" in script.output
+    # typer looks for the user's shell among this process's parents; a detached test run (started with
+    # `(pytest &)`, reparented to init) has none, and the completion script then fails. Name the shell.
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *args, **kwargs: ("bash", "/bin/bash"))
+    script = runner.invoke(app, ["--show-completion"])
+    assert script.exit_code == 0 and "_ICLEVR_DIFF_COMPLETE=complete_bash" in script.output, script.output
     env = {**os.environ, "_ICLEVR_DIFF_COMPLETE": "complete_bash", "COMP_WORDS": "iclevr-diff sample --sampler dp",
            "COMP_CWORD": "3"}
     done = subprocess.run([sys.executable, "-m", "iclevr_diffusion"], env=env, capture_output=True, text=True)

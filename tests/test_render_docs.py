@@ -303,3 +303,29 @@ def test_attention_tables_show_saturation_kernels_and_timing(tmp_path):
     assert "| 10 | 254 | 254 |" in text and "| 1.0e9 | inf | 363 |" in text
     assert "Test CPU, fp32, 1 thread(s): fused 1.000 s, math 1.100 s (1.10x)" in text
     assert "Test CPU, bf16 autocast, 1 thread(s): fused 0.500 s, math 0.400 s (0.80x)" in text
+
+
+def test_readme_quality_puts_another_training_run_under_the_row_it_repeats(tmp_path):
+    """A quality_at_steps-*.json row is labelled with where, in what precision and on what code it trained."""
+    first = tiny_results(tmp_path)
+    first.rename(tmp_path / "results" / "quality_at_steps.json")
+    again = json.loads(tiny_results(tmp_path, means=(50.0, 60.0)).read_text())
+    again["trained"] = [{"recipe": "default", "steps": 1150, "mixed_precision": "no", "cpu": "AMD EPYC",
+                         "cpu_flags": ["avx2"]}]
+    (tmp_path / "results" / "quality_at_steps-again.json").write_text(json.dumps(again))
+    text = rendered(tmp_path, "readme_quality results/quality_at_steps.json results/quality_at_steps-again.json")
+    rows = [line for line in text.splitlines() if line.startswith("| the default preset")]
+    assert rows == [
+        "| the default preset, exactly 1,150 steps | 1,150 steps of batch 16 | 41.7% ± 5.6 | 58.9% ± 5.6 |",
+        "| the default preset, exactly 1,150 steps: another training run, fp32 on the AMD EPYC (AVX2 only), code of "
+        "abc1234 | 1,150 steps of batch 16 | 50.0% ± 5.6 | 60.0% ± 5.6 |",
+    ]
+    assert "`results/quality_at_steps-again.json`" in text  # its own source line
+
+    del again["trained"]
+    (tmp_path / "results" / "quality_at_steps-again.json").write_text(json.dumps(again))
+    doc = tmp_path / "DOC.md"
+    doc.write_text("<!-- render:readme_quality results/quality_at_steps.json results/quality_at_steps-again.json -->\n"
+                   "<!-- /render -->\n")
+    out = cli(doc)
+    assert out.returncode != 0 and "no `trained` entry for its 1,150-step rows" in out.stderr
