@@ -249,6 +249,18 @@ def test_sampler_agreement(tmp_path):
     assert merged["seeds"] == {"samplers": 2, "precision": 2, "reference": 2, "guidance": 2}
     _agreement_checks_hold(merged)
 
+    # Parts not run: their rows and the checks they decide are null (not measured), and no plot is drawn.
+    (tmp_path / "parts" / "agreement.reference-guidance.json").unlink()
+    plot = tmp_path / "partial.png"
+    run("sampler_agreement.py", "--out", str(out), "--merge", "--plot", str(plot), tmp_path=tmp_path)
+    partial = json.loads(out.read_text())
+    assert partial["reference"] is None and partial["guidance_curve"] is None and "plot" not in partial
+    assert not plot.exists()
+    checks, full = partial["checks"], merged["checks"]
+    assert checks["reference not worse than the default by more than 3 points"] is None
+    for kept in ("every sampler within 3 points of the best", "fp32 and bf16 within 3 points"):
+        assert checks[kept] == full[kept]
+
 
 def test_sampler_agreement_names_an_unknown_sampler(tmp_path):
     out = run("sampler_agreement.py", "--part", "samplers", "--samplers", "ddim", "--out", str(tmp_path / "a.json"),
