@@ -36,12 +36,13 @@ import sys
 from pathlib import Path
 
 from machine_info import machine
-from scoring import benchmark_evaluator, is_default_recipe, smoke_dataset, split_accuracy
+from scoring import benchmark_evaluator, is_default_recipe, precision_label, smoke_dataset, split_accuracy
 
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.diffusion.samplers import samplers_for
 from iclevr_diffusion.diffusion.sampling import default_steps, load_pipeline
 from iclevr_diffusion.io import write_json
+from iclevr_diffusion.precision import sampling_autocast
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
             values.append(100 * hits / sum(labels.values()))
             seconds.append(r["seconds_per_image"])
         row = {"name": sampler, "steps": steps, "guidance": guidance,
-               "precision": "bf16" if (_bf16(pipe) if autocast is None else autocast) else "fp32",
+               "precision": precision_label(pipe, autocast),
                "accuracy": round(statistics.mean(values), 2), "spread": round(statistics.pstdev(values), 2),
                "seeds": [round(v, 2) for v in values], "seconds_per_image": round(statistics.mean(seconds), 4)}
         print(f"{sampler}-{steps} w{guidance:g} {row['precision']}: {row['accuracy']:.1f} ± {row['spread']:.1f}",
@@ -114,8 +115,9 @@ def main(argv=None) -> dict:
             sys.exit(f"error: --samplers {unknown} not offered by this model; choose from {', '.join(offered)}.")
         got["samplers"] = [pooled(s, smoke_steps or default_steps(s, cfg, pipe.scheduler), w) for s in names]
         got["seeds"]["samplers"] = args.seeds
-    if "precision" in parts and not args.merge:  # the precision the device does not sample in by default
-        got["other_precision"] = pooled(cfg.sample.sampler, default_steps_, w, autocast=not _bf16(pipe))
+    if "precision" in parts and not args.merge:
+        other = not sampling_autocast(pipe.unet.device)  # the precision the device does not sample in by default
+        got["other_precision"] = pooled(cfg.sample.sampler, default_steps_, w, autocast=other)
         got["seeds"]["precision"] = args.seeds
     if "reference" in parts and not args.merge:
         ref_name, ref_steps = args.reference.split(":")
@@ -174,12 +176,6 @@ def main(argv=None) -> dict:
     write_json(out, result)
     print(f"wrote {out}{f' and {plot}' if curve else ''}", file=sys.stderr)
     return result
-
-
-def _bf16(pipe) -> bool:
-    from iclevr_diffusion.precision import sampling_autocast
-
-    return sampling_autocast(pipe.unet.device)
 
 
 def _plot(curve: list[dict], path: Path, sampler: str, steps: int, seeds: int, default_seeds: int) -> None:

@@ -24,13 +24,12 @@ import sys
 from pathlib import Path
 
 from machine_info import machine
-from scoring import benchmark_evaluator
+from scoring import benchmark_evaluator, precision_label
 
 from iclevr_diffusion.data.iclevr import load_conditions
 from iclevr_diffusion.diffusion.sampling import generate, load_pipeline
 from iclevr_diffusion.evaluator.scoring import sample_and_score
 from iclevr_diffusion.io import atomic_path, write_json
-from iclevr_diffusion.precision import sampling_autocast
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -73,7 +72,7 @@ def run_one(pipe, sets, sampler, steps, guidance, seeds, batch_size, net, autoca
         "sampler": sampler,
         "steps": steps,
         "guidance_scale": guidance,
-        "precision": "bf16" if (sampling_autocast(pipe.unet.device) if autocast is None else autocast) else "fp32",
+        "precision": precision_label(pipe, autocast),
         "accuracy": hits / labels,
         "per_set": {k: h / n for k, (h, n) in per_set.items()},
         "images": images,

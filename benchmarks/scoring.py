@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from iclevr_diffusion.evaluator.scoring import sample_and_score
+from iclevr_diffusion.precision import sampling_autocast
 
 
 def benchmark_evaluator(smoke: bool, evaluator=None, root: Path | None = None, device="cpu", scenes=None):
@@ -24,6 +25,11 @@ def benchmark_evaluator(smoke: bool, evaluator=None, root: Path | None = None, d
 
     net, choice = choose_evaluator(evaluator, root, resolve_device(str(device)), False, scenes)
     return net.eval(), choice.name
+
+
+def precision_label(pipe, autocast: bool | None) -> str:
+    """"bf16" or "fp32": what sampling with `autocast` (None: the device's default) runs in."""
+    return "bf16" if (sampling_autocast(pipe.unet.device) if autocast is None else autocast) else "fp32"
 
 
 def split_accuracy(pipe, net, sets, sampler: str, steps: int, guidance: float, seed: int = 0,
