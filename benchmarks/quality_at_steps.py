@@ -205,7 +205,8 @@ def main(argv=None) -> dict:
                 rows.append({"recipe": recipe, "steps": result.step, "split": name, "conditions": len(conds),
                              "mean": round(statistics.mean(values), 2), "spread": round(statistics.pstdev(values), 2),
                              "seeds": [round(v, 2) for v in values], "sampler": s.sampler, "sampler_steps": s.steps,
-                             "guidance": s.guidance_scale, "cpu": machine_info.cpu_model()})
+                             "guidance": s.guidance_scale, "churn": pipe.sampling_churn(s.sampler),
+                             "cpu": machine_info.cpu_model()})
                 print(f"{recipe} {steps}: {name} {rows[-1]['mean']:.1f} ± {rows[-1]['spread']:.1f}",
                       file=sys.stderr, flush=True)
             write_json(out, _result(args, recipes, steps_list, splits, evaluator_name, trained, rows, pipe,

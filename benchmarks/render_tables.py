@@ -282,8 +282,9 @@ def readme_quality(files, opts):
         for r in qd["rows"]:
             if r["recipe"] in names and r["split"] in ("test", "new_test"):
                 cells.setdefault((r["steps"], list(names).index(r["recipe"]), order), {})[r["split"]] = r
+    shown_runs: set[str] = set()  # training runs already shown in a row: a later file of one is a re-scoring
     for (steps, i, order), c in sorted(cells.items()):
-        again = f": {_another_run(*reruns[order - 1], steps)}" if order else ""
+        again = f": {_another_run(*reruns[order - 1], steps, shown_runs)}" if order else ""
         out.append(
             [
                 f"{list(names.values())[i]}, exactly {steps:,} steps{again}",
@@ -300,44 +301,54 @@ def readme_quality(files, opts):
     return table(["run", "training", "test", "new_test"], out, {2, 3}) + footer([*main_jobs, (qp, q), *reruns], note)
 
 
-def _another_run(path: str, data: dict, steps: int) -> str:
+def _another_run(path: str, data: dict, steps: int, shown_runs: set[str]) -> str:
     """How a quality_at_steps-*.json run differs from the main file's: where and in what precision it
-    trained, and at which commit."""
+    trained, and at which commit; or, for a run folder a row above already showed, that it is that run
+    scored again (with another sampling setting)."""
     trained = next((t for t in data.get("trained", []) if t["steps"] == steps), None)
     if trained is None:
         raise RenderError(f"{path}: no `trained` entry for its {steps:,}-step rows (where and how it trained)")
+    churns = {r.get("churn") for r in data.get("rows", []) if r["steps"] == steps} - {None, 0}
+    sampled = f", sampled with churn {', '.join(f'{c:g}' for c in sorted(churns))}" if churns else ""
+    if trained.get("run") in shown_runs:
+        return f"the run of the row above, scored again{sampled}"
+    shown_runs.add(trained.get("run"))
     avx2 = " (AVX2 only)" if "avx512f" not in trained.get("cpu_flags", ["avx512f"]) else ""
     precision = {"no": "fp32", "bf16": "bf16 autocast"}.get(trained.get("mixed_precision"), NOT_RECORDED)
     commit = machine_of(data).get("commit") or NOT_RECORDED
-    return f"another training run, {precision} on the {trained.get('cpu') or NOT_RECORDED}{avx2}, code of {commit}"
+    return (f"another training run, {precision} on the {trained.get('cpu') or NOT_RECORDED}{avx2}, code of {commit}"
+            f"{sampled}")
 
 
 def sampler_agreement(files, opts):
-    """benchmarks/sampler_agreement.py: every sampler of a model, a long reference, fp32, and a guidance curve."""
+    """benchmarks/sampler_agreement.py: every sampler of a model, a long reference, fp32, and a guidance curve.
+    A churn column where any row was sampled with EDM's churn (heun and euler; "-" for the DPM-Solvers)."""
     path, d = files[0]
     rows = []
     entries = [(s, "") for s in d.get("samplers", [])]
     entries += [(d["reference"], " (long stochastic reference)")] if d.get("reference") else []
     other = d.get("other_precision") or d.get("fp32")  # "fp32" in files written before 2026-12-02
     entries += [(other, "")] if other else []
+    churned = any(s.get("churn") for s, _ in entries)
     for s, note in entries:
         nfe = NFE.get(s["name"], lambda n: n)(s["steps"])
+        churn = [f"{s.get('churn', 0):g}" if s["name"] in ("heun", "euler") else "-"] if churned else []
         rows.append(
             [
                 f"`{s['name']}`{note}",
                 f"{s['steps']} ({nfe})",
                 f"{s['guidance']:g}",
+                *churn,
                 s["precision"],
                 acc(s["accuracy"], s.get("spread")),
                 str(len(s.get("seeds", []))),
                 num(s.get("seconds_per_image"), 2),
             ]
         )
-    lines = table(
-        ["sampler", "steps (network evaluations)", "guidance", "precision", "accuracy", "seeds", "s/image (1 thread)"],
-        rows,
-        {1, 2, 4, 5, 6},
-    )
+    head = ["sampler", "steps (network evaluations)", "guidance", *(["churn"] if churned else []), "precision",
+            "accuracy", "seeds", "s/image (1 thread)"]
+    right = {1, 2, 4, 5, 6} if not churned else {1, 2, 3, 5, 6, 7}
+    lines = table(head, rows, right)
     if d.get("guidance_curve"):
         g = d["guidance_curve"]
         lines += [
@@ -351,7 +362,8 @@ def sampler_agreement(files, opts):
                 set(range(1, len(g) + 1)),
             ),
         ]
-    model = f"Model: `{d.get('model_dir', d.get('model', NOT_RECORDED))}`. Accuracy: test + new_test pooled."
+    pooled = d.get("accuracy", "pooled test + new_test").split(" (")[0].removeprefix("pooled ")
+    model = f"Model: `{d.get('model_dir', d.get('model', NOT_RECORDED))}`. Accuracy: {pooled} pooled."
     return lines + footer(files, model, SPREAD)
 
 

@@ -33,12 +33,14 @@ def precision_label(pipe, autocast: bool | None) -> str:
 
 
 def split_accuracy(pipe, net, sets, sampler: str, steps: int, guidance: float, seed: int = 0,
-                   batch_size: int = 32, autocast: bool | None = None) -> dict:
+                   batch_size: int = 32, autocast: bool | None = None, churn: float | None = None) -> dict:
     """{"accuracy": {split: accuracy}, "seconds_per_image": sampling time} for [(split, conditions)].
-    `autocast` None: the measured default for the device (bf16 on CPUs with native bf16)."""
+    `autocast` None: the measured default for the device (bf16 on CPUs with native bf16); `churn` None:
+    the model's saved churn for heun and euler."""
     accuracy, seconds, images = {}, 0.0, 0
     for name, conds in sets:
-        done = sample_and_score(pipe, net, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast)
+        done = sample_and_score(pipe, net, conds, sampler, steps, guidance, seed, batch_size, autocast=autocast,
+                                churn=churn)
         seconds += done.sampling_s
         images += len(conds)
         accuracy[name] = done.accuracy

@@ -214,8 +214,14 @@ def test_ema_lengths(tmp_path):
     assert all(0 <= r["mean"] <= 100 and len(r["seeds"]) == 2 for r in data["rows"]) and data["steps"] == 3
 
 
+def _default_churn(name: str) -> float:
+    from iclevr_diffusion.config import SampleConfig
+
+    return SampleConfig().churn if name in ("heun", "euler") else 0.0
+
+
 def _agreement_checks_hold(data: dict) -> None:
-    rows = data["samplers"]
+    rows = [r for r in data["samplers"] if r["churn"] == _default_churn(r["name"])]  # the checked ones
     best = max(r["accuracy"] for r in rows)
     default = next(r for r in rows if r["name"] == "heun")  # the smoke model's sampler
     reference_loss = default["accuracy"] - data["reference"]["accuracy"]
@@ -241,11 +247,17 @@ def test_sampler_agreement(tmp_path):
 
     out = tmp_path / "parts" / "agreement.json"
     for part in (["--part", "samplers", "--samplers", "dpm++sde,heun"], ["--part", "samplers,precision", "--samplers",
-                 "euler,dpm++"], ["--part", "reference,guidance"]):
+                 "euler,dpm++"], ["--part", "reference,guidance"], ["--part", "samplers", "--samplers", "heun",
+                 "--churn", "1.5"]):
         run("sampler_agreement.py", "--out", str(out), *part, tmp_path=tmp_path)
+    assert (out.parent / "agreement.samplers-heun-churn1.5.json").is_file()
     run("sampler_agreement.py", "--out", str(out), "--merge", tmp_path=tmp_path)
     merged = json.loads(out.read_text())
-    assert [r["name"] for r in merged["samplers"]] == ["heun", "euler", "dpm++", "dpm++sde"]
+    # A row at another churn than the model's is kept beside the default one, and left out of the check.
+    heun = _default_churn("heun")
+    assert [(r["name"], r["churn"]) for r in merged["samplers"]] == [
+        *sorted([("heun", heun), ("heun", 1.5)], key=lambda r: r[1]), ("euler", heun), ("dpm++", 0.0),
+        ("dpm++sde", 0.0)]
     assert merged["seeds"] == {"samplers": 2, "precision": 2, "reference": 2, "guidance": 2}
     _agreement_checks_hold(merged)
 

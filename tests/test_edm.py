@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -19,9 +20,11 @@ from PIL import Image
 
 from iclevr_diffusion.config import load_config
 from iclevr_diffusion.diffusion.edm import (
+    CHURN_RANGE,
     EDM_SAMPLERS,
     EDM_TIMESTEP_SCALE,
     EDMHeunScheduler,
+    EDMStochasticEulerScheduler,
     c_in,
     c_noise,
     c_out,
@@ -75,11 +78,18 @@ def paper_karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
     return [(a + i / (n - 1) * (b - a)) ** rho for i in range(n)] + [0.0]
 
 
-def paper_heun(x, sigmas, D, second_order=True):
-    """Algorithm 1 (deterministic sampler, Heun's 2nd-order method); Euler when second_order is False."""
+def paper_heun(x, sigmas, D, second_order=True, churn=0.0, s_tmin=0.05, s_tmax=50.0, noise=None):
+    """Algorithm 2 (stochastic sampler); with churn 0 Algorithm 1 (deterministic, Heun's 2nd-order method);
+    Euler when second_order is False. `noise()`: the next eps ~ N(0, I) (S_noise = 1)."""
     evals = 0
-    for i in range(len(sigmas) - 1):
+    n = len(sigmas) - 1
+    for i in range(n):
         t, t_next = sigmas[i], sigmas[i + 1]
+        gamma = min(churn / n, math.sqrt(2) - 1) if s_tmin <= t <= s_tmax else 0.0
+        if gamma > 0:
+            t_hat = t * (1 + gamma)
+            x = x + math.sqrt(t_hat**2 - t**2) * noise()
+            t = t_hat
         d = (x - D(x, t)) / t
         evals += 1
         x_next = x + (t_next - t) * d
@@ -330,7 +340,7 @@ def test_every_edm_sampler_gives_sane_images_and_counts_steps(edm_pipe, sampler)
 
 def test_make_edm_sampler_keeps_sigma_data_and_the_noise_range():
     train_sched = make_edm_scheduler(0.23, sigma_min=0.01, sigma_max=40.0)
-    kinds = {"heun": EDMHeunScheduler, "euler": EDMEulerScheduler, "dpm++": EDMDPMSolverMultistepScheduler,
+    kinds = {"heun": EDMHeunScheduler, "euler": EDMStochasticEulerScheduler, "dpm++": EDMDPMSolverMultistepScheduler,
              "dpm++sde": EDMDPMSolverMultistepScheduler}
     for name in EDM_SAMPLERS:
         s = make_edm_sampler(name, train_sched)
@@ -450,6 +460,90 @@ def test_heun_is_second_order_on_the_exact_gaussian_ode():
     assert errors["heun", 100] < errors["euler", 100] / 10, errors
 
 
+@pytest.mark.parametrize("second_order", [True, False])
+def test_churn_matches_a_hand_written_algorithm_2_on_a_linear_denoiser(second_order):
+    """EDM's stochastic sampler: noise raised from s_i to s_i (1 + gamma) where S_tmin <= s_i <= S_tmax, the
+    network evaluated there. The same eps in the same order as the scheduler draws them (one generator)."""
+    sd, steps, churn = 0.4, 8, 4.0
+    name = "heun" if second_order else "euler"
+    sched = make_edm_sampler(name, make_edm_scheduler(sd), churn=churn)
+    pattern = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def F(model_in, t):
+        return 0.5 * model_in + 0.3 * t * pattern
+
+    def D(x, s):
+        return paper_c_skip(s, sd) * x + paper_c_out(s, sd) * F(paper_c_in(s, sd) * x, paper_c_noise(s))
+
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 80.0
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(7)
+    x = x0
+    for t in sched.timesteps:
+        out = F(sched.scale_model_input(x, t).double(), float(t)).float()
+        x = sched.step(out, t, x, generator=gen).prev_sample
+    sigmas = paper_karras_sigmas(steps, 0.002, 80.0)
+    assert sum(CHURN_RANGE[0] <= s <= CHURN_RANGE[1] for s in sigmas[1:-1]) >= 3  # the test churns
+    ref_gen = torch.Generator().manual_seed(7)
+    expected, evals = paper_heun(x0.double(), sigmas, D, second_order, churn, *CHURN_RANGE,
+                                 noise=lambda: torch.randn(2, 3, 8, 8, generator=ref_gen).double())
+    assert len(sched.timesteps) == evals
+    torch.testing.assert_close(x.double(), expected, rtol=1e-4, atol=1e-4)
+    deterministic, _ = paper_heun(x0.double(), sigmas, D, second_order)
+    assert (deterministic - expected).abs().max() > 0.05  # the churn changed the result
+
+
+def test_euler_without_churn_steps_as_diffusers_edm_euler():
+    sd, steps = 0.3, 6
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 80.0
+
+    def fake_model(m, t):
+        return 0.7 * m + 0.1 * float(t)
+
+    ours, _ = run_scheduler(make_edm_sampler("euler", make_edm_scheduler(sd)), x0, fake_model, steps)
+    theirs, _ = run_scheduler(make_edm_scheduler(sd), x0, fake_model, steps)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_churn_draws_from_the_seed_and_zero_churn_from_nothing(edm_pipe):
+    def draw(churn, seed):
+        return generate(edm_pipe, CONDS, "heun", 6, 2.0, seed=seed, batch_size=3, autocast=False, churn=churn)
+
+    assert torch.equal(draw(0.0, 1), draw(0.0, 1))
+    churned = draw(20.0, 1)
+    assert torch.isfinite(churned).all() and churned.min() >= -1 and churned.max() <= 1
+    assert torch.equal(churned, draw(20.0, 1))  # the same seed, the same images
+    assert not torch.equal(churned, draw(0.0, 1))
+    # Image i depends only on its own seed (its own generator draws its churn), not on the batch.
+    second = generate(edm_pipe, CONDS, "heun", 6, 2.0, seed=1, batch_size=1, autocast=False, churn=20.0)
+    torch.testing.assert_close(second, churned, rtol=0, atol=1e-4)  # (batched convolutions round alike to 1e-4)
+
+
+@pytest.mark.parametrize(("sampler", "churn", "words"), [
+    ("dpm++", 5.0, "--churn applies to the heun and euler"),
+    ("dpm++sde", 1.0, "not to dpm++sde"),
+    ("heun", -1.0, "--churn must be 0 or more"),
+])
+def test_a_churn_a_sampler_cannot_take_is_a_one_line_error(edm_pipe, sampler, churn, words):
+    with pytest.raises(IclevrError, match=re.escape(words)):
+        edm_pipe(["red sphere"], 2, sampler=sampler, churn=churn, output_type="pt")
+
+
+def test_the_runs_churn_is_saved_with_the_model_and_used(data_root, tmp_path):
+    run = tmp_path / "run"
+    train(edm_cfg(data_root, "train.max_steps=2", "sample.churn=7.5"), run)
+    pipe, cfg, _ = load_pipeline(run, device="cpu")
+    assert cfg.sample.churn == 7.5 and pipe.config.default_churn == 7.5
+    assert pipe.sampling_churn("heun") == 7.5 and pipe.sampling_churn("euler", 0.0) == 0.0
+    assert pipe.sampling_churn("dpm++") == 0.0  # the DPM-Solvers take none
+    def draw(**churn):
+        return pipe(["red sphere", "gray cube"], 4, sampler="heun", output_type="pt", autocast=False,
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)], **churn).images
+
+    saved = draw()
+    assert torch.equal(saved, draw(churn=7.5)) and not torch.equal(saved, draw(churn=0.0))
+
+
 # --- 7. sigma_data is measured, recorded and kept -------------------------------------------------------
 
 
@@ -496,7 +590,7 @@ def test_exported_edm_model_reloads_and_samples_identically(edm_run):
     assert type(a.scheduler) is EDMEulerScheduler and a.scheduler.config.sigma_data == sigma_data
     assert a.unet.config.timestep_scale == EDM_TIMESTEP_SCALE
     assert cfg_a.schedule.formulation == "edm" and cfg_a.schedule.sigma_data == sigma_data
-    for sampler in ("heun", "dpm++sde"):  # deterministic, and one that draws noise every step
+    for sampler in ("heun", "dpm++", "dpm++sde"):  # churn (the default), the ODE, and the SDE: all seeded
         x = generate(a, CONDS, sampler, 3, 2.0, seed=5, autocast=False)
         y = generate(b, CONDS, sampler, 3, 2.0, seed=5, autocast=False)
         assert torch.equal(x, y)

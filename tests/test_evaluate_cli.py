@@ -66,6 +66,13 @@ def test_evaluate_images_missing_file_names_it(tmp_path, ranked_evaluator):
     assert "5.png is missing" in result.output and "9.png" not in result.output
 
 
+def test_evaluate_images_refuses_a_sampling_setting(tmp_path, ranked_evaluator):
+    images = write_condition_images(tmp_path / "imgs", load_conditions("test"))
+    result = runner.invoke(app, ["evaluate", "--images", str(images), "--split", "test", "--evaluator",
+                                 str(ranked_evaluator), "--churn", "5"])
+    assert result.exit_code == 1 and "--churn is a sampling setting" in result.stderr
+
+
 def test_evaluate_rejects_a_bad_checkpoint(tmp_path):
     images = write_condition_images(tmp_path / "imgs", load_conditions("test"))
     bad = tmp_path / "bad.pth"
@@ -104,6 +111,7 @@ def test_evaluate_model_samples_with_the_run_config_and_seeds(tmp_path, ranked_e
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["results"][0]
     assert (row["sampler"], row["steps"], row["guidance_scale"]) == ("ddim", 2, 1.5)  # from run_config.yaml
+    assert row["churn"] == 0.0  # a DDPM model's samplers take none
     assert row["seeds"] == [0, 1] and len(row["accuracies"]) == 2 and row["accuracy_std"] == 0.0
     assert row["accuracy"] == pytest.approx(expected_ranked_accuracy(load_conditions("new_test")))
     assert (run / "eval" / "new_test_seed0.png").is_file() and (run / "eval" / "new_test_seed1.png").is_file()

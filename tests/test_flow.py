@@ -101,20 +101,21 @@ def test_the_loss_is_the_plain_velocity_mse_at_logit_normal_t(data_root):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize(("sampler", "churn"), [*((s, 0.0) for s in SAMPLERS), ("heun", 10.0), ("euler", 10.0)])
 @pytest.mark.parametrize("steps", [1, 4, 18])
-def test_every_sampler_lands_on_the_one_clean_image_an_exact_velocity_points_to(sampler, steps):
+def test_every_sampler_lands_on_the_one_clean_image_an_exact_velocity_points_to(sampler, churn, steps):
     """For data that is one image y*, the exact velocity at x_t is (x_t - y* / sigma_data) / t: every sampler
-    must end on y*."""
+    must end on y*, with or without churn (the exact denoiser removes the noise churn adds)."""
     target = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    sched = make_edm_sampler(sampler, make_train_scheduler(flow_cfg("unused").schedule, sigma_data=0.2))
+    schedule = make_train_scheduler(flow_cfg("unused").schedule, sigma_data=0.2)
+    sched = make_edm_sampler(sampler, schedule, churn=churn)
     sched.set_timesteps(steps)
     x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * sched.init_noise_sigma
     gen = torch.Generator().manual_seed(4)
     for t in sched.timesteps:
         x_t = sched.scale_model_input(x, t)  # what the network sees; its timestep input is t (x1000 inside)
         velocity = (x_t - target / 0.2) / t
-        kwargs = {"generator": gen} if sampler == "dpm++sde" else {}
+        kwargs = {"generator": gen} if sampler != "dpm++" else {}
         x = sched.step(velocity, t, x, **kwargs).prev_sample
     torch.testing.assert_close(x, target, rtol=1e-4, atol=1e-4)
 
@@ -138,7 +139,7 @@ def test_an_exported_flow_model_reloads_and_samples_identically(flow_run):
     assert 0.05 < cfg.schedule.sigma_data < 1 and a.scheduler.config.sigma_data == cfg.schedule.sigma_data
     assert a.unet.config.timestep_scale == FLOW_TIMESTEP_SCALE
     assert isinstance(make_edm_sampler("heun", a.scheduler), FlowHeunScheduler)
-    for sampler in ("heun", "dpm++sde"):  # deterministic, and one that draws noise every step
+    for sampler in ("heun", "dpm++", "dpm++sde"):  # churn (the default), the ODE, and the SDE: all seeded
         x = generate(a, CONDS, sampler, 3, 2.0, seed=5, autocast=False)
         assert torch.equal(x, generate(b, CONDS, sampler, 3, 2.0, seed=5, autocast=False))
         assert not torch.equal(x, generate(b, CONDS, sampler, 3, 2.0, seed=6, autocast=False))
@@ -178,3 +179,27 @@ def test_diffusers_generic_loader_loads_a_flow_export(flow_run, tmp_path):
     want = pipe(["red sphere"], num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt",
                 autocast=False).images
     assert torch.equal(torch.load(tmp_path / "images.pt"), want)
+
+
+def test_sample_takes_churn_and_records_it(flow_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from iclevr_diffusion.cli import app
+
+    runner = CliRunner()
+
+    def sample(out, *extra):
+        result = runner.invoke(app, ["sample", "--model", str(flow_run), "--labels", "red sphere,cyan cube",
+                                     "--n", "2", "--steps", "4", "--out", str(out), "--json", "-q", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout), (out / "labels" / "0.png").read_bytes()
+
+    manifest, churned = sample(tmp_path / "a", "--churn", "10")
+    assert (manifest["sampler"], manifest["churn"]) == ("heun", 10.0)
+    assert sample(tmp_path / "b", "--churn", "10")[1] == churned  # seeded: the same PNG bytes
+    manifest, plain = sample(tmp_path / "c", "--churn", "0")
+    assert manifest["churn"] == 0.0 and plain != churned
+    bad = runner.invoke(app, ["sample", "--model", str(flow_run), "--labels", "red cube", "--sampler", "dpm++",
+                              "--churn", "3", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 1 and "--churn applies to the heun and euler samplers" in bad.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was written

@@ -140,3 +140,5 @@ def test_missing_model_and_bad_options_fail_with_one_clear_line(runs, tmp_path):
     assert "--batch-size" in one_line_error(sample(*model, "--labels", "red cube", "--batch-size", "0"))
     assert "--seed" in one_line_error(sample(*model, "--labels", "red cube", "--seed", "-1", "-o", str(tmp_path / "s")))
     assert "--frames" in one_line_error(sample(*model, "--process", "red cube", "--frames", "1"))
+    line = one_line_error(sample(*model, "--labels", "red cube", "--churn", "5"))  # a DDPM model: no churn
+    assert "--churn applies to the heun and euler samplers of EDM and flow models" in line

@@ -161,6 +161,11 @@ StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps.")
 GuidanceOpt = Annotated[
     float | None, typer.Option("--guidance-scale", "-g", help="Classifier-free guidance scale (1 = off).")
 ]
+ChurnOpt = Annotated[
+    float | None,
+    typer.Option("--churn", help="EDM's S_churn for the heun and euler samplers of EDM and flow models: fresh "
+                 "noise at each step (0 = deterministic; default: the model's own)."),
+]
 BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Images per forward pass.")]
 RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds the run folders.")]
 
@@ -229,6 +234,7 @@ def sample(
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
     guidance_scale: GuidanceOpt = None,
+    churn: ChurnOpt = None,
     seed: SeedOpt = None,
     batch_size: BatchOpt = None,
     device: DeviceOpt = None,
@@ -248,7 +254,7 @@ def sample(
         labels=labels or [], n=n, splits=[s.value for s in split or []], conditions=conditions, model=model,
         runs_dir=runs_dir, out=out, sampler=_value(sampler), steps=steps, guidance_scale=guidance_scale, seed=seed,
         batch_size=batch_size, device=device, process=process, frames=frames, force=force,
-        as_json=json_, quiet=quiet,
+        as_json=json_, quiet=quiet, churn=churn,
     )
 
 
@@ -269,6 +275,7 @@ def evaluate(
     sampler: SamplerOpt = None,
     steps: StepsOpt = None,
     guidance_scale: GuidanceOpt = None,
+    churn: ChurnOpt = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Repeat with this many seeds: mean and spread.")] = None,
     seed: SeedOpt = None,
     batch_size: BatchOpt = None,
@@ -284,6 +291,7 @@ def evaluate(
         splits=[s.value for s in split or []], conditions=conditions, model=model, runs_dir=runs_dir, images=images,
         evaluator=evaluator, data=data, sampler=_value(sampler), steps=steps, guidance_scale=guidance_scale,
         seeds=seeds, seed=seed, batch_size=batch_size, device=device, out=out, as_json=json_, quiet=quiet,
+        churn=churn,
     )
 
 

@@ -128,6 +128,10 @@ class SampleConfig:
     sampler: str = "heun"  # ddpm models: ddpm | ddim | dpm++ | unipc; edm models: heun | euler | dpm++ | dpm++sde
     steps: int = 18  # solver steps (ddpm uses T unless given; heun evaluates the network 2 x steps - 1 times)
     guidance_scale: float = 3.0  # classifier-free guidance w (1 = off)
+    # EDM's S_churn for the heun and euler samplers of EDM and flow models: fresh noise added at each step
+    # between noise levels 0.05 and 50 (edm.EDMHeunScheduler); 0 = the deterministic ODE. 15 is EDM's
+    # largest per-step churn (sqrt(2) - 1) for heun 18 and euler 35 steps: chosen on val (BENCHMARKS.md, "Churn").
+    churn: float = 15.0
     batch_size: int = 32
 
 

@@ -88,7 +88,7 @@ RANGES = {
     "0 or more": ("seed", "model.patch_head", "train.foreground_weight", "data.num_workers", "train.weight_decay",
                   "train.warmup_steps",
                   "train.grad_clip", "train.sample_every", "train.checkpoint_every", "train.eval_every",
-                  "sample.guidance_scale"),
+                  "sample.guidance_scale", "sample.churn"),
     "in [0, 1)": ("model.dropout", "train.label_dropout", "train.ema_decay"),
     "in (0, 1)": ("schedule.beta_start", "schedule.beta_end", "train.adam_beta2"),
     "positive or null": ("train.max_steps", "train.epochs", "train.max_minutes", "train.min_snr_gamma",
@@ -100,6 +100,7 @@ RANGE_NOTES = {
     "train.eval_every": " (0 = no evaluations)",
     "train.grad_clip": " (0 = no clipping)",
     "sample.guidance_scale": " (1 = no guidance)",
+    "sample.churn": " (0 = deterministic)",
     "train.max_minutes": " (null = no time limit)",
     "train.min_snr_gamma": " (null = off)",
 }

@@ -17,8 +17,9 @@ which makes the loss on F a plain MSE.
 
 diffusers' EDM schedulers (EDMEulerScheduler, EDMDPMSolverMultistepScheduler) apply c_in in
 `scale_model_input`, hand the network timestep c_noise = ln(sigma) / 4 and apply c_skip / c_out in
-`step`, so the sampling loop is the usual diffusers one. EDM's own deterministic 2nd-order Heun
-sampler, which diffusers lacks for EDM sigmas, is `EDMHeunScheduler` below, in the same protocol.
+`step`, so the sampling loop is the usual diffusers one. EDM's own 2nd-order Heun sampler with its
+churn (Algorithm 2; deterministic, Algorithm 1, at churn 0), which diffusers lacks for EDM sigmas, is
+`EDMHeunScheduler` below, in the same protocol; `EDMStochasticEulerScheduler` is its 1st-order twin.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import math
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from iclevr_diffusion.config import SAMPLERS_BY_FORMULATION
 from iclevr_diffusion.diffusion.losses import weighted_mse
@@ -44,6 +46,10 @@ EDM_SAMPLERS = SAMPLERS_BY_FORMULATION["edm"]
 # network evaluations (EDM's choice at 32x32-64x64); the first-order Euler and the stochastic DPM-Solver++
 # SDE get the same 35, the 2nd-order multistep DPM-Solver++ (one evaluation a step) 25.
 EDM_DEFAULT_STEPS = {"heun": 18, "euler": 35, "dpm++": 25, "dpm++sde": 35}
+# The samplers that take EDM's churn (`--churn`, sample.churn), and the noise levels where they churn:
+# S_tmin, S_tmax of EDM's ImageNet-64 setting (its S_noise, 1.003, is left at 1).
+CHURN_SAMPLERS = ("heun", "euler")
+CHURN_RANGE = (0.05, 50.0)
 
 
 def c_skip(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
@@ -187,22 +193,23 @@ def make_edm_scheduler(sigma_data: float, sigma_min: float = 0.002, sigma_max: f
                              sigma_schedule="karras", prediction_type="epsilon", final_sigmas_type="zero")
 
 
-def make_edm_sampler(name: str, train_scheduler):
+def make_edm_sampler(name: str, train_scheduler, churn: float = 0.0):
     """A fresh EDM sampler `name` sharing `train_scheduler`'s sigma_data and noise range, and its
-    preconditioning: a rectified-flow model (flow.py) gets the flow twin of each sampler."""
+    preconditioning: a rectified-flow model (flow.py) gets the flow twin of each sampler.
+    `churn`: EDM's S_churn for heun and euler (EDMHeunScheduler); the DPM-Solvers take none."""
     from iclevr_diffusion.diffusion.flow import FLOW_SAMPLER_CLASSES, is_flow
 
-    edm_classes = (EDMHeunScheduler, EDMEulerScheduler, EDMDPMSolverMultistepScheduler)
+    edm_classes = (EDMHeunScheduler, EDMStochasticEulerScheduler, EDMDPMSolverMultistepScheduler)
     heun, euler, dpm = FLOW_SAMPLER_CLASSES if is_flow(train_scheduler) else edm_classes
     config = train_scheduler.config
-    if name == "heun":
-        return heun.from_config(config)
-    if name == "euler":
-        return euler.from_config(config)
     if name in ("dpm++", "dpm++sde"):
         algorithm = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
         return dpm.from_config(config, algorithm_type=algorithm, solver_order=2)
-    raise ValueError(name)
+    if name not in CHURN_SAMPLERS:
+        raise ValueError(name)
+    sampler = (heun if name == "heun" else euler).from_config(config)
+    sampler.churn = float(churn)
+    return sampler
 
 
 def is_edm(scheduler) -> bool:
@@ -211,29 +218,44 @@ def is_edm(scheduler) -> bool:
 
 
 class EDMHeunScheduler(EDMEulerScheduler):
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Algorithm 1) as a diffusers scheduler.
+    """EDM's 2nd-order Heun sampler (Karras et al. 2022, Algorithm 2) as a diffusers scheduler.
 
-    For N steps over the Karras sigmas s_0 > ... > s_{N-1} > s_N = 0 it evaluates the network 2N - 1
-    times: an Euler step from s_i to s_{i+1}, then (unless s_{i+1} = 0) a correction with the slope at
-    s_{i+1}, averaged with the first. `timesteps` lists every evaluation, so the ordinary loop
-    (scale_model_input, network, step) runs it; `step` alternates between the two halves.
+    For N steps over the Karras sigmas s_0 > ... > s_{N-1} > s_N = 0, step i first raises the noise
+    ("churn") from s_i to s_hat = s_i (1 + gamma_i) with fresh noise of standard deviation
+    sqrt(s_hat^2 - s_i^2), then takes an Euler step from s_hat to s_{i+1} and (unless s_{i+1} = 0) a
+    correction with the slope at s_{i+1}, averaged with the first: 2N - 1 network evaluations.
+    gamma_i = min(churn / N, sqrt(2) - 1) where CHURN_RANGE[0] <= s_i <= CHURN_RANGE[1], else 0; churn 0 is
+    the deterministic Algorithm 1. The churn noise is added at the end of step i - 1 (where `step` has the
+    generator), so the loop's sample is already at s_hat when the network sees it, and the network is
+    evaluated at s_hat as EDM does (diffusers' EDMEulerScheduler.step adds its churn after the network
+    has seen the sample, and treats that output as if it were at s_hat). Step 0 never churns.
+    `timesteps` lists every evaluation, so the ordinary loop (scale_model_input, network, step) runs it.
     """
 
     order = 2
+    second_order = True  # False: the same steps without the correction (EDMStochasticEulerScheduler)
+    churn = 0.0  # EDM's S_churn; set per sampler by make_edm_sampler
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None):
         super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas)
         steps = self.sigmas  # s_0 .. s_{N-1}, 0
-        # (sigma evaluated at, index i of the step it belongs to, is-correction) for every evaluation
+        n = len(steps) - 1
+        gamma = min(float(self.churn) / n, math.sqrt(2) - 1) if n > 0 else 0.0
+        low, high = CHURN_RANGE
+        self._hats = steps.clone()  # s_hat_i: where step i evaluates first (s_i where there is no churn)
+        for i in range(1, n):
+            if gamma > 0 and low <= float(steps[i]) <= high:
+                self._hats[i] = steps[i] * (1 + gamma)
+        # (index i of the step an evaluation belongs to, is-correction) for every evaluation
         self._plan = []
-        for i in range(len(steps) - 1):
+        for i in range(n):
             self._plan.append((i, False))
-            if float(steps[i + 1]) > 0:
+            if self.second_order and float(steps[i + 1]) > 0:
                 self._plan.append((i, True))
-        eval_sigmas = torch.stack([steps[i + 1] if corr else steps[i] for i, corr in self._plan])
+        eval_sigmas = torch.stack([steps[i + 1] if corr else self._hats[i] for i, corr in self._plan])
         self.timesteps = self.precondition_noise(eval_sigmas).to(device)
         self._eval_sigmas = eval_sigmas
-        self._first = None  # (x_i, slope at s_i) between the two halves of a step
+        self._first = None  # (x_hat_i, slope at s_hat_i) between the two halves of a step
         self._step_index = 0
 
     @property
@@ -247,20 +269,37 @@ class EDMHeunScheduler(EDMEulerScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, **kwargs):
         i, correction = self._plan[self._step_index]
-        s_i, s_next = self.sigmas[i], self.sigmas[i + 1]
-        sigma = s_next if correction else s_i
+        s_hat, s_next = self._hats[i], self.sigmas[i + 1]
+        sigma = s_next if correction else s_hat
         sample = sample.to(torch.float32)
         denoised = self.precondition_outputs(sample, model_output.float(), sigma)
         slope = (sample - denoised) / sigma
         if correction:
-            x_i, first_slope = self._first
-            prev = x_i + (s_next - s_i) * (first_slope + slope) / 2
+            x_hat, first_slope = self._first
+            prev = self._churned(x_hat + (s_next - s_hat) * (first_slope + slope) / 2, i + 1, generator)
             self._first = None
         else:
-            prev = sample + (s_next - s_i) * slope
-            if float(s_next) > 0:  # a correction at s_next follows; the last step (to 0) is Euler only
+            prev = sample + (s_next - s_hat) * slope
+            if self.second_order and float(s_next) > 0:  # a correction at s_next follows
                 self._first = (sample, slope)
+            else:  # the last step (to 0) is Euler only
+                prev = self._churned(prev, i + 1, generator)
         self._step_index += 1
         if not return_dict:
             return (prev, denoised)
         return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+    def _churned(self, x: torch.Tensor, i: int, generator) -> torch.Tensor:
+        """x (at s_i) raised to s_hat_i with fresh noise, ready for step i; x itself where step i does not churn."""
+        if i >= len(self._hats) - 1 or not float(self._hats[i]) > float(self.sigmas[i]):
+            return x
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x + noise * (self._hats[i] ** 2 - self.sigmas[i] ** 2).sqrt()
+
+
+class EDMStochasticEulerScheduler(EDMHeunScheduler):
+    """EDM's sampler without the 2nd-order correction: Euler steps with the same churn (`--sampler euler`).
+    With churn 0 it steps exactly as diffusers' EDMEulerScheduler does without s_churn."""
+
+    order = 1
+    second_order = False

@@ -37,7 +37,7 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 # module model_index.json names for it, this one: SchedulerMixin must be an attribute here.
 from diffusers import SchedulerMixin as SchedulerMixin
 
-from iclevr_diffusion.diffusion.edm import EDMHeunScheduler
+from iclevr_diffusion.diffusion.edm import EDMHeunScheduler, EDMStochasticEulerScheduler
 
 # The UNet's timestep for a flow model is t x 1000, as diffusers' flow-matching schedulers hand it over:
 # the range of the 1,000 DDPM timesteps its sinusoidal embedding was designed for.
@@ -76,11 +76,15 @@ class FlowPreconditioning:
 
 
 class FlowEulerScheduler(FlowPreconditioning, EDMEulerScheduler):
-    """The training scheduler saved with a flow model, and its `--sampler euler`."""
+    """The training scheduler saved with a flow model."""
 
 
 class FlowHeunScheduler(FlowPreconditioning, EDMHeunScheduler):
-    """EDM's deterministic Heun (edm.EDMHeunScheduler) for a flow model: `--sampler heun`."""
+    """EDM's Heun with its churn (edm.EDMHeunScheduler) for a flow model: `--sampler heun`."""
+
+
+class FlowStochasticEulerScheduler(FlowPreconditioning, EDMStochasticEulerScheduler):
+    """EDM's Euler with churn (edm.EDMStochasticEulerScheduler) for a flow model: `--sampler euler`."""
 
 
 class FlowDPMSolverMultistepScheduler(FlowPreconditioning, EDMDPMSolverMultistepScheduler):
@@ -95,7 +99,7 @@ def make_flow_scheduler(sigma_data: float, sigma_min: float = 0.002, sigma_max: 
 
 
 # The flow twins of EDM's (heun, euler, dpm++ / dpm++sde) samplers, for edm.make_edm_sampler.
-FLOW_SAMPLER_CLASSES = (FlowHeunScheduler, FlowEulerScheduler, FlowDPMSolverMultistepScheduler)
+FLOW_SAMPLER_CLASSES = (FlowHeunScheduler, FlowStochasticEulerScheduler, FlowDPMSolverMultistepScheduler)
 
 
 def is_flow(scheduler) -> bool:

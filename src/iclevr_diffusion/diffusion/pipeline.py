@@ -80,25 +80,25 @@ LOADER_SOURCE = """\"\"\"Lets diffusers' generic loader find this pipeline class
 
 from {module} import {name}  # noqa: F401
 """
-DEFAULT_KEYS = ("default_sampler", "default_steps", "default_guidance_scale")
+DEFAULT_KEYS = ("default_sampler", "default_steps", "default_guidance_scale", "default_churn")
 
 
 class ConditionalDDPMPipeline(DiffusionPipeline):
     """UNet + noise schedule; the sampler is chosen per call (`sampler=`) or by swapping `pipe.scheduler`.
 
-    `default_sampler`, `default_steps` and `default_guidance_scale` (saved in model_index.json; the
-    exporting run's `sample` section) are what a call without them uses.
+    `default_sampler`, `default_steps`, `default_guidance_scale` and `default_churn` (saved in
+    model_index.json; the exporting run's `sample` section) are what a call without them uses.
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, unet, scheduler, default_sampler: str | None = None, default_steps: int | None = None,
-                 default_guidance_scale: float | None = None):
+                 default_guidance_scale: float | None = None, default_churn: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=with_sampling_settings(scheduler))
         self.register_to_config(default_sampler=default_sampler, default_steps=default_steps,
-                                default_guidance_scale=default_guidance_scale)
+                                default_guidance_scale=default_guidance_scale, default_churn=default_churn)
         # The noise schedule the model was trained with. A scheduler a caller puts in its place (diffusers'
         # `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`) runs as it is.
         self._noise_scheduler = self.scheduler
@@ -125,6 +125,11 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
             guidance_scale = SampleConfig().guidance_scale
         return sampler, steps, float(guidance_scale)
 
+    def sampling_churn(self, sampler: str, churn: float | None = None) -> float:
+        """EDM's S_churn for `sampler`: `churn` where given (checked), else the saved default for the
+        samplers that take it (heun and euler of EDM and flow models), else 0."""
+        return resolve_churn(sampler, churn, self.config.get("default_churn"), self._noise_scheduler)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -137,6 +142,7 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         autocast: bool | None = None,
         output_type: str = "pil",
         sampler: str | None = None,
+        churn: float | None = None,
         return_dict: bool = True,
         callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -148,7 +154,8 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         (a (B, 3, S, S) tensor in [-1, 1], the range every tensor of this toolkit uses).
         sampler ("ddpm", "ddim", "dpm++", "unipc"; EDM models "heun", "euler", "dpm++", "dpm++sde"): a sampler
         made from the pipeline's noise schedule for this call. None: the saved default sampler - or, when
-        `pipe.scheduler` was replaced, that scheduler as it is. num_inference_steps and guidance_scale: None
+        `pipe.scheduler` was replaced, that scheduler as it is. churn: EDM's S_churn for heun and euler
+        (0 = the deterministic ODE; None = the saved default). num_inference_steps and guidance_scale: None
         takes the saved defaults (ddpm: all T steps). guidance w: eps = eps_null + w * (eps_cond - eps_null),
         both halves in one batched forward; w = 1 skips the null half. `generator`: one CPU generator or one
         per image (then every image depends only on its own seed). `frames` > 0 also returns (frames, B, 3,
@@ -172,7 +179,7 @@ class ConditionalDDPMPipeline(DiffusionPipeline):
         own = self.scheduler
         as_it_is = sampler is None and swapped  # diffusers' way: the scheduler put in place runs as it is
         check_sampling(None if as_it_is else sampler_name, steps, guidance_scale, own)  # the one check
-        scheduler = own if as_it_is else make_sampler(sampler_name, own)
+        scheduler = own if as_it_is else make_sampler(sampler_name, own, self.sampling_churn(sampler_name, churn))
         device = self.unet.device
         if autocast is None:
             autocast = sampling_autocast(device)
@@ -308,6 +315,24 @@ def preferred_sampler(configured: str | None, train_scheduler) -> str:
         return configured
     fallback = SampleConfig().sampler
     return fallback if fallback in offered else ("ddim" if "ddim" in offered else offered[0])
+
+
+def resolve_churn(sampler: str, churn: float | None, saved: float | None, train_scheduler) -> float:
+    """The churn a call samples with (see ConditionalDDPMPipeline.sampling_churn); IclevrError for a churn
+    given to a sampler that takes none, or a negative one."""
+    from iclevr_diffusion.diffusion.edm import CHURN_SAMPLERS, is_edm
+
+    takes_churn = is_edm(train_scheduler) and sampler in CHURN_SAMPLERS
+    if churn is not None:
+        if churn < 0:
+            raise IclevrError(f"--churn must be 0 or more (0 = deterministic), got {churn:g}.")
+        if churn > 0 and not takes_churn:
+            raise IclevrError(f"--churn applies to the heun and euler samplers of EDM and flow models, not to "
+                              f"{sampler}; leave it out.")
+        return float(churn)
+    if not takes_churn:
+        return 0.0
+    return float(SampleConfig().churn if saved is None else saved)
 
 
 def default_steps(sampler: str, configured: str, configured_steps: int | None, train_scheduler) -> int:

@@ -43,13 +43,14 @@ def samplers_for(train_scheduler: SchedulerMixin) -> tuple[str, ...]:
     return EDM_SAMPLERS if is_edm(train_scheduler) else SAMPLERS
 
 
-def make_sampler(name: str, train_scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule."""
+def make_sampler(name: str, train_scheduler: SchedulerMixin, churn: float = 0.0) -> SchedulerMixin:
+    """A fresh scheduler of kind `name` sharing `train_scheduler`'s noise schedule; `churn`: EDM's S_churn
+    for an EDM or flow model's heun and euler (edm.EDMHeunScheduler), ignored by the others."""
     from iclevr_diffusion.diffusion.edm import is_edm, make_edm_sampler
 
     check_sampler_name(name, train_scheduler)
     if is_edm(train_scheduler):
-        return make_edm_sampler(name, train_scheduler)
+        return make_edm_sampler(name, train_scheduler, churn)
     config = train_scheduler.config
     common = {"timestep_spacing": TIMESTEP_SPACING}
     clip = bool(config.get("clip_sample", True))

@@ -48,6 +48,8 @@ def load_pipeline(
         if pipe.config.get("default_sampler") is None:  # exported before the defaults were saved with the model
             pipe.register_to_config(default_sampler=cfg.sample.sampler, default_steps=cfg.sample.steps,
                                     default_guidance_scale=cfg.sample.guidance_scale)
+        if pipe.config.get("default_churn") is None:  # exported before churn was saved with the model
+            pipe.register_to_config(default_churn=cfg.sample.churn)
     pipe.set_progress_bar_config(disable=True)  # the commands draw their own progress
     pipe.to(target)
     pipe.unet.eval()
@@ -128,6 +130,7 @@ def generate(
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     autocast: bool | None = None,
+    churn: float | None = None,
 ) -> torch.Tensor:
     """(N, 3, S, S) images in [-1, 1] for N label lists, drawn in batches of `batch_size`.
 
@@ -135,7 +138,8 @@ def generate(
     Image i is seeded from (seed, i), so it does not depend on batch_size. `progress(n)` is called
     after every denoising step of a batch with n = the images in that batch, so a bar over
     len(conditions) * steps fills exactly (the pipeline's own tqdm bar is off meanwhile).
-    `autocast=None` takes the precision policy's default for the device (precision.sampling_autocast).
+    `autocast=None` takes the precision policy's default for the device (precision.sampling_autocast);
+    `churn=None` the model's saved churn for heun and euler (pipeline.sampling_churn).
     The denoising-process strip comes from the pipeline itself (`pipe(..., frames=F)`).
     """
     if batch_size < 1:
@@ -152,7 +156,7 @@ def generate(
         for i in range(0, len(labels), batch_size):
             batch = labels[i : i + batch_size]
             out = pipe(batch, steps, guidance_scale, generator=image_generators(seed, i, len(batch)),
-                       callback=progress, autocast=autocast, sampler=sampler, output_type="pt")
+                       callback=progress, autocast=autocast, sampler=sampler, churn=churn, output_type="pt")
             chunks.append(out.images)
     finally:
         pipe.set_progress_bar_config(**bar_config)

@@ -41,11 +41,12 @@ def sample_and_score(
     batch_size: int = 32,
     autocast: bool | None = None,  # None: the precision policy's default for the device
     progress: Callable[[int], None] | None = None,  # as sampling.generate
+    churn: float | None = None,  # None: the model's saved churn for heun and euler
 ) -> SampledScore:
     """Draw one image per condition and score them against the conditions."""
     started = time.perf_counter()
     images = generate(pipe, conditions, sampler, steps, guidance_scale, seed, batch_size, progress=progress,
-                      autocast=autocast)
+                      autocast=autocast, churn=churn)
     sampled = time.perf_counter()
     score = score_images(net, images, multi_hot_batch(conditions))
     return SampledScore(images, score, sampled - started, time.perf_counter() - sampled)

@@ -142,9 +142,10 @@ def export_model(model, ema, noise_sched, cfg: Config, out: Path) -> None:
         if p.exists():
             shutil.rmtree(p)
     try:
-        s = cfg.sample  # the run's sampler, steps and guidance: what the pipeline uses when not told otherwise
+        s = cfg.sample  # the run's sampler, steps, guidance, churn: what the pipeline uses when not told otherwise
         pipe = ConditionalDDPMPipeline(unet=model, scheduler=noise_sched, default_sampler=s.sampler,
-                                       default_steps=s.steps, default_guidance_scale=s.guidance_scale)
+                                       default_steps=s.steps, default_guidance_scale=s.guidance_scale,
+                                       default_churn=s.churn)
         with ema_weights(model, ema):
             pipe.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(cfg.to_yaml())

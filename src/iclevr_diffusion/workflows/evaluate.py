@@ -71,6 +71,7 @@ def run(
     out: Path | None = None,
     as_json: bool = False,
     quiet: bool = False,
+    churn: float | None = None,
 ) -> dict:
     from iclevr_diffusion.config import Config
     from iclevr_diffusion.devices import resolve_device
@@ -103,12 +104,15 @@ def run(
     if pipe is None:
         if seeds is not None and seeds > 1:
             raise IclevrError("--seeds repeats sampling; with --images the images are fixed, so leave it out.")
+        if churn is not None:
+            raise IclevrError("--churn is a sampling setting; with --images the images are fixed, so leave it out.")
         # Read every image before choosing (perhaps training) an evaluator: a missing file fails at once.
         loaded = {name: load_image_folder(images_folder(images, name, len(sets) > 1), len(c)) for name, c in sets}
     else:
         from iclevr_diffusion.diffusion import sampling as sampling
 
         sampler, steps, guidance = sampling.resolve_sampling(cfg, pipe, sampler, steps, guidance_scale)
+        churn = pipe.sampling_churn(sampler, churn)
     root = Path(data) if data is not None else (Path(cfg.data.root) if cfg.data.root else None)
     net, choice = choose_evaluator(evaluator or cfg.eval.evaluator, root, dev, quiet, cfg.data.synthetic_scenes)
 
@@ -123,7 +127,8 @@ def run(
                 score = score_images(net, imgs, targets)
             else:
                 with progress_bar(f"{name} seed {s}", len(conds) * steps, quiet, log_every=LOG_EVERY) as advance:
-                    done = sample_and_score(pipe, net, conds, sampler, steps, guidance, s, batch, progress=advance)
+                    done = sample_and_score(pipe, net, conds, sampler, steps, guidance, s, batch, progress=advance,
+                                            churn=churn)
                 imgs, score = done.images, done.score
             secs.append(time.perf_counter() - started)  # sampling + scoring
             accs.append(score.accuracy)
@@ -143,6 +148,7 @@ def run(
             "sampler": sampler if pipe is not None else None,
             "steps": steps if pipe is not None else None,
             "guidance_scale": guidance if pipe is not None else None,
+            "churn": churn if pipe is not None else None,
             "seconds": statistics.fmean(secs),
             "source": str(images_folder(images, name, len(sets) > 1)) if pipe is None else str(model_dir),
             "grid": str(grid),

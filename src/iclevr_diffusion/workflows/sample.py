@@ -87,6 +87,7 @@ def run(
     force: bool,
     as_json: bool,
     quiet: bool,
+    churn: float | None = None,
 ) -> dict:
     groups = collect_groups(labels, n, splits, conditions)
     process_labels = parse_labels(process, where="--process") if process else None
@@ -104,6 +105,7 @@ def run(
 
     pipe, cfg, model_dir = load_pipeline(model, runs_dir, device or "auto")
     sampler, steps, guidance = resolve_sampling(cfg, pipe, sampler, steps, guidance_scale)
+    churn = pipe.sampling_churn(sampler, churn)
     seed = cfg.seed if seed is None else seed
     batch_size = cfg.sample.batch_size if batch_size is None else batch_size
     if batch_size < 1:
@@ -121,6 +123,7 @@ def run(
         "sampler": sampler,
         "steps": steps,
         "guidance_scale": guidance,
+        "churn": churn,
         "seed": seed,
         "batch_size": batch_size,
         "device": str(pipe.unet.device),
@@ -136,7 +139,8 @@ def run(
         for name, conds in groups:
             advance(0, group=name)
             t0 = time.perf_counter()
-            images = generate(pipe, conds, sampler, steps, guidance, seed, batch_size, progress=lambda k: advance(k))
+            images = generate(pipe, conds, sampler, steps, guidance, seed, batch_size, progress=lambda k: advance(k),
+                              churn=churn)
             seconds += time.perf_counter() - t0
             if force:
                 _clear_stale(out / name)
@@ -154,6 +158,7 @@ def run(
                 frames=frames,
                 callback=lambda k: advance(k),
                 sampler=sampler,
+                churn=churn,
                 output_type="pt",
             ).frames
             save_strip(strip[:, 0], out / "process.png")
@@ -170,8 +175,9 @@ def run(
         rate = f" in {seconds:.1f} s ({manifest['images_per_second']:.2f} images/s)" if total_images else ""
         strip_note = " + process.png" if process_labels is not None else ""
         console.out.print(
-            f"{total_images} images{rate}{strip_note}: {sampler}, {steps} steps, guidance {guidance:g}, "
-            f"seed {seed}, {manifest['precision']} -> {out}",
+            f"{total_images} images{rate}{strip_note}: {sampler}, {steps} steps"
+            f"{f', churn {churn:g}' if churn else ''}, guidance {guidance:g}, seed {seed}, {manifest['precision']} "
+            f"-> {out}",
             markup=False,
         )
     return manifest
