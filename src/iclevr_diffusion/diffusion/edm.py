@@ -291,7 +291,7 @@ class EDMHeunScheduler(EDMEulerScheduler):
 
     def _churned(self, x: torch.Tensor, i: int, generator) -> torch.Tensor:
         """x (at s_i) raised to s_hat_i with fresh noise, ready for step i; x itself where step i does not churn."""
-        if i >= len(self._hats) - 1 or not float(self._hats[i]) > float(self.sigmas[i]):
+        if i >= len(self._hats) - 1 or self._hats[i] <= self.sigmas[i]:
             return x
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x + noise * (self._hats[i] ** 2 - self.sigmas[i] ** 2).sqrt()
